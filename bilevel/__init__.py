@@ -1,0 +1,24 @@
+"""Bilevel optimisation on ``torch.func``.
+
+    min_x F(x) = f(x, y*(x))   s.t.   y*(x) ∈ argmin_y g(x, y)
+
+* :class:`BilevelProblem` — the two losses ``(x, y, batch) -> scalar``, x and y dicts of tensors;
+* :mod:`bilevel.estimators` — hypergradient estimators by name (``exact``, ``cg``, ``neumann``,
+  ``fixed-point``, ``unrolled``, ``stochastic-neumann``, ``first-order``) behind one interface;
+* :mod:`bilevel.linear_solvers` — CG, Neumann, fixed point and dense solves on pytrees;
+* :class:`LowerSolver` — warm-started lower-level optimisation with torchopt functional optimizers;
+* :mod:`bilevel.frank_wolfe` — projection-free constrained upper-level solvers.
+"""
+from . import estimators, linear_solvers, pytree
+from .batches import BatchStream
+from .lower import LowerInfo, LowerSolver
+from .problem import BilevelProblem, LowerOperators
+
+__all__ = ["BilevelProblem", "LowerOperators", "LowerSolver", "LowerInfo", "BatchStream",
+           "estimators", "linear_solvers", "pytree"]
+
+try:  # the Frank-Wolfe subpackage is optional while it is being built
+    from . import frank_wolfe  # noqa: F401
+    __all__.append("frank_wolfe")
+except ImportError:  # pragma: no cover
+    pass

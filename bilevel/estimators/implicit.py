@@ -1,0 +1,104 @@
+"""Implicit-differentiation estimators: solve ``H v = ∂_y f`` then ``∇F ≈ ∂_x f − ∂²_xy g · v``.
+
+They differ only in how the inverse-Hessian-vector product ``v ≈ [∂²_yy g]⁻¹ ∂_y f`` is computed:
+
+* ``exact``        dense Hessian + ``torch.linalg.solve`` (small lower levels; the reference);
+* ``cg``           conjugate gradient (tolerance / iteration budget);
+* ``neumann``      truncated Neumann series ``η Σ_{k<K} (I − ηH)^k ∂_y f``;
+* ``fixed-point``  Richardson iteration to a residual tolerance, optionally warm-started.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .. import linear_solvers as ls
+from .. import pytree as pt
+from ..problem import BilevelProblem
+from ..pytree import Tree
+from .base import Estimator, EstimatorInfo, draw
+
+
+class ImplicitEstimator(Estimator):
+    hvp_mode: str = "auto"
+
+    def solve(self, matvec, b: Tree):  # -> (v, SolveInfo)
+        raise NotImplementedError
+
+    def estimate(self, problem: BilevelProblem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any):
+        gx, gy, value = problem.upper_grads(x, y, upper_batch)
+        ops = problem.operators(x, y, draw(lower_batch), hvp_mode=self.hvp_mode)
+        v, sinfo = self.solve(ops.hvp, gy)
+        mixed = ops.mixed(v)
+        grad = {k: gx[k] - mixed[k] for k in gx}
+        info = EstimatorInfo(hvp_count=max(ops.hvp_count, sinfo.matvecs), mixed_count=ops.mixed_count,
+                             iterations=sinfo.iterations, residual=sinfo.residual,
+                             residual_history=sinfo.residual_history, upper_value=value)
+        return grad, info
+
+
+class Exact(ImplicitEstimator):
+    """Dense implicit hypergradient: materialises ``∂²_yy g`` (n = numel(y) products, vectorised)."""
+
+    name = "exact"
+
+    def __init__(self, max_dim: int = 20000, hvp_mode: str = "auto"):
+        self.max_dim, self.hvp_mode = max_dim, hvp_mode
+
+    def solve(self, matvec, b):
+        return ls.dense_solve(matvec, b, max_dim=self.max_dim)
+
+
+class ConjugateGradient(ImplicitEstimator):
+    """CG on ``∂²_yy g v = ∂_y f``; ``warm_start=True`` starts from the previous call's solution."""
+
+    name = "cg"
+
+    def __init__(self, tol: float = 1e-10, maxiter: int = 100, warm_start: bool = False,
+                 hvp_mode: str = "auto"):
+        self.tol, self.maxiter, self.warm_start, self.hvp_mode = tol, maxiter, warm_start, hvp_mode
+        self._last: Optional[Tree] = None
+
+    def solve(self, matvec, b):
+        x0 = self._last if (self.warm_start and self._last is not None
+                            and set(self._last) == set(b)
+                            and all(self._last[k].shape == b[k].shape for k in b)) else None
+        v, info = ls.conjugate_gradient(matvec, b, x0=x0, tol=self.tol, maxiter=self.maxiter)
+        if self.warm_start:
+            self._last = pt.detach(v)
+        return v, info
+
+
+class Neumann(ImplicitEstimator):
+    """Truncated Neumann series with step ``eta`` (≤ 1/λ_max(∂²_yy g)) and ``terms`` terms."""
+
+    name = "neumann"
+
+    def __init__(self, eta: float = 0.1, terms: int = 20, hvp_mode: str = "auto"):
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 (and ≤ 1/λ_max of the lower Hessian), got {eta!r}")
+        if terms < 1:
+            raise ValueError(f"terms must be >= 1, got {terms!r}")
+        self.eta, self.terms, self.hvp_mode = eta, terms, hvp_mode
+
+    def solve(self, matvec, b):
+        return ls.neumann_series(matvec, b, self.eta, self.terms)
+
+
+class FixedPoint(ImplicitEstimator):
+    """Fixed-point (Richardson) iteration ``v ← v − η(Hv − ∂_y f)`` to a residual tolerance."""
+
+    name = "fixed-point"
+
+    def __init__(self, eta: float = 0.1, tol: float = 1e-8, maxiter: int = 1000,
+                 warm_start: bool = False, hvp_mode: str = "auto"):
+        if eta <= 0:
+            raise ValueError(f"eta must be > 0 (and ≤ 1/λ_max of the lower Hessian), got {eta!r}")
+        self.eta, self.tol, self.maxiter, self.warm_start, self.hvp_mode = eta, tol, maxiter, warm_start, hvp_mode
+        self._last: Optional[Tree] = None
+
+    def solve(self, matvec, b):
+        x0 = self._last if (self.warm_start and self._last is not None and set(self._last) == set(b)) else None
+        v, info = ls.fixed_point(matvec, b, self.eta, tol=self.tol, maxiter=self.maxiter, x0=x0)
+        if self.warm_start:
+            self._last = pt.detach(v)
+        return v, info

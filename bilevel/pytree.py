@@ -1,0 +1,97 @@
+"""Arithmetic on parameter pytrees: ``dict[str, Tensor]`` with matching keys and shapes.
+
+Every linear solver and estimator in :mod:`bilevel` works on these dicts directly, so that a model's
+parameters never have to be flattened into one vector (which would copy them) except where a dense
+method asks for it explicitly (:func:`flatten` / :func:`unflatten`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping
+
+import torch
+
+Tree = Dict[str, torch.Tensor]
+
+
+def check_tree(tree: Mapping[str, torch.Tensor], name: str) -> None:
+    """Raise a clear ``TypeError`` unless ``tree`` is a non-empty ``dict[str, Tensor]``."""
+    if not isinstance(tree, Mapping):
+        raise TypeError(f"{name} must be a dict[str, Tensor], got {type(tree).__name__}; "
+                        f"wrap a single tensor as {{'{name}': tensor}}")
+    if len(tree) == 0:
+        raise ValueError(f"{name} is an empty dict; it needs at least one tensor")
+    for k, v in tree.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{name}[{k!r}] must be a torch.Tensor, got {type(v).__name__}")
+
+
+def check_same_structure(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                         name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` naming the first key or shape that differs between two pytrees."""
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        raise ValueError(f"pytrees {name_a} and {name_b} have different keys: only in {name_a}: "
+                         f"{only_a}, only in {name_b}: {only_b}")
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(f"{name_a}[{k!r}] has shape {tuple(a[k].shape)} but {name_b}[{k!r}] "
+                             f"has shape {tuple(b[k].shape)}")
+
+
+def map_(fn: Callable[..., torch.Tensor], *trees: Mapping[str, torch.Tensor]) -> Tree:
+    first = trees[0]
+    return {k: fn(*(t[k] for t in trees)) for k in first}
+
+
+def add(a: Tree, b: Tree) -> Tree:
+    return {k: a[k] + b[k] for k in a}
+
+
+def sub(a: Tree, b: Tree) -> Tree:
+    return {k: a[k] - b[k] for k in a}
+
+
+def scale(alpha, a: Tree) -> Tree:
+    return {k: alpha * v for k, v in a.items()}
+
+
+def axpy(alpha, x: Tree, y: Tree) -> Tree:
+    """``alpha * x + y``."""
+    return {k: torch.add(y[k], x[k], alpha=alpha) if isinstance(alpha, (int, float))
+            else y[k] + alpha * x[k] for k in y}
+
+
+def dot(a: Tree, b: Tree) -> torch.Tensor:
+    """Inner product ``Σ_k <a_k, b_k>`` as a 0-dim tensor (no host sync)."""
+    terms = [torch.sum(a[k] * b[k]) for k in a]
+    return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
+
+
+def norm(a: Tree) -> torch.Tensor:
+    return torch.sqrt(dot(a, a))
+
+
+def zeros_like(a: Tree) -> Tree:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def detach(a: Tree) -> Tree:
+    return {k: v.detach() for k, v in a.items()}
+
+
+def numel(a: Tree) -> int:
+    return sum(v.numel() for v in a.values())
+
+
+def flatten(a: Tree) -> torch.Tensor:
+    """Concatenate all leaves (in key order) into one vector."""
+    return torch.cat([v.reshape(-1) for v in a.values()])
+
+
+def unflatten(vec: torch.Tensor, like: Tree) -> Tree:
+    out, i = {}, 0
+    for k, v in like.items():
+        n = v.numel()
+        out[k] = vec[i:i + n].reshape(v.shape)
+        i += n
+    return out
