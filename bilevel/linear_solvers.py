@@ -1,7 +1,10 @@
 """Linear solvers on pytrees for ``H v = b`` with ``H = ∂²_yy g`` symmetric positive definite.
 
-Each solver takes ``matvec: Tree -> Tree`` and returns ``(v, SolveInfo)``. Convergence checks need the
-residual norm on the host; with ``tol=0`` the loops run a fixed number of iterations with no host sync.
+Each solver takes ``matvec: Tree -> Tree`` and returns ``(v, SolveInfo)``.
+
+Host syncs: a convergence test needs the residual norm on the host. The iterative solvers test it
+every ``check_every`` iterations only (``tol=0`` runs a fixed budget with no sync at all); the residual
+history is kept on the device and copied to the host once, at exit.
 """
 from __future__ import annotations
 
@@ -25,19 +28,56 @@ class SolveInfo:
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    if not isinstance(value, (int, float)) or not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _tiny(t: torch.Tensor) -> float:
+    return torch.finfo(t.dtype).tiny
+
+
+def _checked_matvec(matvec: MatVec, like: Tree) -> MatVec:
+    """Wrap ``matvec`` so that its first output is checked to have the structure of ``like``."""
+    seen = []
+
+    def wrapped(v: Tree) -> Tree:
+        out = matvec(v)
+        if not seen:
+            pt.check_same_structure(out, like, "matvec(v)", "b")
+            seen.append(True)
+        return out
+    return wrapped
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den``, and 0 where ``den == 0`` (CG on a zero residual must not produce NaN)."""
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)),
+                       torch.zeros_like(num))
 
 
 def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: float = 1e-10,
-                       maxiter: int = 100, record_history: bool = True) -> tuple[Tree, SolveInfo]:
-    """Conjugate gradient for SPD ``H``: stops when ``‖r‖ ≤ tol·‖b‖`` or after ``maxiter`` steps.
+                       maxiter: int = 100, record_history: bool = True,
+                       check_every: int = 1) -> tuple[Tree, SolveInfo]:
+    """Conjugate gradient for SPD ``H``: stops when ``‖r_k‖ ≤ tol·‖b‖`` or after ``maxiter`` steps.
 
-    In exact arithmetic the error after k steps obeys
-    ``‖v_k − v*‖_H ≤ 2 ((√κ − 1)/(√κ + 1))^k ‖v_0 − v*‖_H`` with κ the condition number of H.
+    ``r_k`` is the recursively updated residual ``b − H v_k``. In exact arithmetic the error obeys
+    ``‖v_k − v*‖_H ≤ 2 ((√κ − 1)/(√κ + 1))^k ‖v_0 − v*‖_H`` with ``κ`` the condition number of H,
+    and CG terminates in at most n = dim(b) steps.
+
+    Args:
+        tol: relative residual tolerance; ``0`` runs exactly ``maxiter`` iterations, sync-free.
+        check_every: test the tolerance every this many iterations (each test is one host sync).
+        record_history: keep ``‖r_k‖/‖b‖`` for every k (on device; copied to the host at exit).
     """
     _check_positive("tol", tol, allow_zero=True)
-    _check_positive("maxiter", maxiter, allow_zero=True)
+    _check_int("maxiter", maxiter, 0)
+    _check_int("check_every", check_every, 1)
+    matvec = _checked_matvec(matvec, b)
     if x0 is not None:
         pt.check_same_structure(x0, b, "x0", "b")
         x = pt.detach(x0)
@@ -50,41 +90,45 @@ def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: 
     p = {k: v.clone() for k, v in r.items()}
     rs = pt.dot(r, r)
     b_norm = pt.norm(b)
-    history: List[float] = []
-    threshold = tol * b_norm
+    b_norm_safe = b_norm.clamp_min(_tiny(b_norm))
+    history: List[torch.Tensor] = []
+    threshold2 = (tol * b_norm) ** 2
     it = 0
-    check = tol > 0 or record_history
-    for it in range(1, maxiter + 1):
-        if check:
-            rn = torch.sqrt(rs)
-            if record_history:
-                history.append(float(rn / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny)))
-            if tol > 0 and bool(rn <= threshold):
-                it -= 1
-                break
+    for it in range(maxiter):
+        if record_history:
+            history.append(rs)
+        if tol > 0 and it % check_every == 0 and bool(rs <= threshold2):
+            break
         Hp = matvec(p)
         nmv += 1
-        alpha = rs / pt.dot(p, Hp)
+        alpha = _safe_div(rs, pt.dot(p, Hp))
         x = pt.axpy(alpha, p, x)
         r = pt.axpy(-alpha, Hp, r)
         rs_new = pt.dot(r, r)
-        p = pt.axpy(rs_new / rs, p, r)
+        p = pt.axpy(_safe_div(rs_new, rs), p, r)
         rs = rs_new
-    rel = float(torch.sqrt(rs) / b_norm.clamp_min(torch.finfo(b_norm.dtype).tiny))
-    if record_history and (not history or history[-1] != rel):
-        history.append(rel)
-    return x, SolveInfo(iterations=it, matvecs=nmv, residual=rel, residual_history=history)
+    else:
+        it = maxiter
+    final = torch.sqrt(rs) / b_norm_safe
+    if record_history:
+        hist = (torch.sqrt(torch.stack(history + [rs])) / b_norm_safe).tolist()
+        if len(hist) >= 2 and it < maxiter:      # stopped early: the last entry repeats rs
+            hist = hist[:-1]
+        rel = hist[-1]
+    else:
+        hist, rel = [], float(final)
+    return x, SolveInfo(iterations=it, matvecs=nmv, residual=rel, residual_history=hist)
 
 
 def neumann_series(matvec: MatVec, b: Tree, eta: float, terms: int) -> tuple[Tree, SolveInfo]:
     """Truncated Neumann series ``v_K = η Σ_{k=0}^{K−1} (I − ηH)^k b`` (``K = terms``).
 
-    With ``0 < η ≤ 1/L`` (L = λ_max(H)) and μ = λ_min(H): ``‖v_K − H⁻¹b‖ ≤ (1 − ημ)^K ‖H⁻¹b‖``.
-    Uses ``K − 1`` matrix-vector products.
+    With ``0 < η ≤ 1/L`` (L = λ_max(H)) and μ = λ_min(H): ``v* − v_K = (I − ηH)^K v*``, hence
+    ``‖v_K − H⁻¹b‖ ≤ (1 − ημ)^K ‖H⁻¹b‖``. Uses ``K − 1`` matrix-vector products, no host sync.
     """
     _check_positive("eta", eta)
-    if terms < 1:
-        raise ValueError(f"terms must be >= 1, got {terms!r}")
+    _check_int("terms", terms, 1)
+    matvec = _checked_matvec(matvec, b)
     p = {k: v.clone() for k, v in b.items()}
     acc = {k: v.clone() for k, v in b.items()}
     for _ in range(terms - 1):
@@ -94,37 +138,61 @@ def neumann_series(matvec: MatVec, b: Tree, eta: float, terms: int) -> tuple[Tre
 
 
 def fixed_point(matvec: MatVec, b: Tree, eta: float, tol: float = 1e-10, maxiter: int = 1000,
-                x0: Optional[Tree] = None) -> tuple[Tree, SolveInfo]:
+                x0: Optional[Tree] = None, check_every: int = 1) -> tuple[Tree, SolveInfo]:
     """Richardson / fixed-point iteration ``v ← v − η (H v − b)`` until ``‖Hv − b‖ ≤ tol‖b‖``.
 
     This is the adjoint of differentiating the lower fixed-point map ``y ← y − η ∂_y g``; from
-    ``v_0 = 0`` its k-th iterate equals the k-term Neumann series, but it stops on a residual test and
-    can be warm-started from a previous solution ``x0``.
+    ``v_0 = 0`` its k-th iterate equals the k-term Neumann series (error ``(1 − ημ)^k``), but it stops
+    on a residual test and can be warm-started from a previous solution ``x0``. Each iteration is one
+    product (from ``v_0 = 0`` the first residual ``−b`` is free), and ``residual`` is that of the
+    returned ``v``: ``maxiter`` iterations cost ``maxiter`` products, one more than the equivalent
+    ``maxiter``-term Neumann series, which never evaluates its own residual.
     """
     _check_positive("eta", eta)
     _check_positive("tol", tol, allow_zero=True)
-    v = pt.zeros_like(b) if x0 is None else pt.detach(x0)
-    b_norm = pt.norm(b).clamp_min(torch.finfo(next(iter(b.values())).dtype).tiny)
-    history: List[float] = []
-    it, rel = 0, None
-    for it in range(1, maxiter + 1):
+    _check_int("maxiter", maxiter, 0)
+    _check_int("check_every", check_every, 1)
+    matvec = _checked_matvec(matvec, b)
+    b_norm = pt.norm(b)
+    b_norm_safe = b_norm.clamp_min(_tiny(b_norm))
+    if x0 is None:
+        v = pt.zeros_like(b)
+        r = pt.scale(-1.0, b)
+        nmv = 0
+    else:
+        pt.check_same_structure(x0, b, "x0", "b")
+        v = pt.detach(x0)
         r = pt.sub(matvec(v), b)
-        rel_t = pt.norm(r) / b_norm
-        if tol > 0:
-            rel = float(rel_t)
-            history.append(rel)
-            if rel <= tol:
-                return v, SolveInfo(iterations=it - 1, matvecs=it, residual=rel, residual_history=history)
+        nmv = 1
+    history: List[torch.Tensor] = []
+    it = 0
+    for it in range(maxiter + 1):
+        rn = pt.norm(r)
+        history.append(rn)
+        if it == maxiter or (tol > 0 and it % check_every == 0 and bool(rn <= tol * b_norm)):
+            break
         v = pt.axpy(-eta, r, v)
-    return v, SolveInfo(iterations=it, matvecs=it, residual=rel, residual_history=history)
+        r = pt.sub(matvec(v), b)
+        nmv += 1
+    hist = (torch.stack(history) / b_norm_safe).tolist()
+    return v, SolveInfo(iterations=it, matvecs=nmv, residual=hist[-1], residual_history=hist)
 
 
-def dense_matrix(matvec: MatVec, like: Tree) -> torch.Tensor:
-    """Materialise ``H`` (n×n, n = numel(like)) column by column; vectorised with ``vmap`` when the
-    products support it, else one product per column."""
+def dense_matrix(matvec: MatVec, like: Tree, batched_matvec: Optional[MatVec] = None) -> torch.Tensor:
+    """Materialise ``H`` (n×n, n = numel(like)) column by column.
+
+    ``batched_matvec`` (a tree whose leaves carry a leading batch dimension of n) computes all
+    columns in one call; otherwise ``vmap(matvec)`` is tried, then one product per column.
+    """
     n = pt.numel(like)
     ref = next(iter(like.values()))
     eye = torch.eye(n, dtype=ref.dtype, device=ref.device)
+    if batched_matvec is not None:
+        try:
+            cols = {k: c.reshape(n, -1) for k, c in batched_matvec(_unflatten_batched(eye, like)).items()}
+            return torch.cat([cols[k] for k in like], dim=1).T
+        except (RuntimeError, NotImplementedError):  # no batching rule for some op: one column at a time
+            pass
 
     def column(e: torch.Tensor) -> torch.Tensor:
         return pt.flatten(matvec(pt.unflatten(e, like)))
@@ -136,14 +204,34 @@ def dense_matrix(matvec: MatVec, like: Tree) -> torch.Tensor:
     return H
 
 
-def dense_solve(matvec: MatVec, b: Tree, max_dim: int = 20000) -> tuple[Tree, SolveInfo]:
-    """Exact solve: materialise H (n products) and call ``torch.linalg.solve``. For small n only."""
+def _unflatten_batched(mat: torch.Tensor, like: Tree) -> Tree:
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = mat[:, i:i + v.numel()].reshape((mat.shape[0],) + tuple(v.shape))
+        i += v.numel()
+    return out
+
+
+def dense_solve(matvec: MatVec, b: Tree, max_dim: int = 20000,
+                batched_matvec: Optional[MatVec] = None) -> tuple[Tree, SolveInfo]:
+    """Exact solve: materialise H (n products), symmetrise, Cholesky-solve (LU if H is not positive
+    definite). For small n only (n² memory, n³ flops)."""
     n = pt.numel(b)
     if n > max_dim:
         raise ValueError(f"dense_solve would build a {n}×{n} Hessian (max_dim={max_dim}); use the "
                          "'cg' estimator for large lower levels, or raise max_dim")
-    H = dense_matrix(matvec, b)
+    H = dense_matrix(matvec, b, batched_matvec)
     H = 0.5 * (H + H.T)
-    v = torch.linalg.solve(H, pt.flatten(b))
-    res = float(torch.linalg.norm(H @ v - pt.flatten(b)) / torch.linalg.norm(pt.flatten(b)).clamp_min(1e-300))
+    rhs = pt.flatten(b)
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        v = torch.cholesky_solve(rhs[:, None], L)[:, 0]
+    else:
+        try:
+            v = torch.linalg.solve(H, rhs)
+        except RuntimeError as err:
+            raise ValueError("the lower Hessian ∂²_yy g is singular at this (x, y): the lower problem "
+                             "must be strongly convex in y (add a ridge term, or check y is the "
+                             f"lower minimiser); torch said: {err}") from None
+    res = float(torch.linalg.norm(H @ v - rhs) / torch.linalg.norm(rhs).clamp_min(_tiny(rhs)))
     return pt.unflatten(v, b), SolveInfo(iterations=1, matvecs=n, residual=res)

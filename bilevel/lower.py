@@ -2,9 +2,11 @@
 
     solver = bilevel.LowerSolver(problem, optimizer="adamw", lr=1e-3, weight_decay=1e-3)
     state = solver.init(y)
-    y, state, info = solver.run(x, y, batches, state, steps=T_max)   # warm start: pass state back
+    y, state, info = solver.run(x, y, batches, state, steps=T_max)   # warm start: pass y, state back
 
-``info.losses`` is a 1-D tensor of the lower losses (kept on device: no host sync per step).
+Each step is ``y_{t+1} = y_t + u_t`` with ``(u_t, state) = optimizer.update(∂_y g(x, y_t, ξ_t), state)``
+(paper: T_max steps on D2 batches ξ_t between two outer iterations). ``info.losses`` is a 1-D tensor
+of the lower losses ``g(x, y_t, ξ_t)``, kept on the device: no host sync per step.
 """
 from __future__ import annotations
 
@@ -29,26 +31,53 @@ class LowerInfo:
 
 
 class LowerSolver:
+    """``steps`` steps of a torchopt functional optimizer (``sgd``, ``adam``, ``adamw``) on ``g(x, ·)``.
+
+    Args:
+        problem: the bilevel problem (its lower loss g is minimised).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        lr: step size; further keywords go to the torchopt constructor (``momentum``,
+            ``weight_decay``, ``betas``, ...).
+    """
+
     def __init__(self, problem: BilevelProblem, optimizer: str = "sgd", lr: float = 0.1, **optimizer_kwargs):
+        if not isinstance(problem, BilevelProblem):
+            raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
         self.problem = problem
         self.optimizer_name = optimizer
         self._opt = make_optimizer(optimizer, lr, **optimizer_kwargs)
+        self._gv = grad_and_value(problem.g, argnums=1)
+        self._signature = None
 
     def init(self, y: Tree):
+        """A fresh optimizer state for ``y`` (remembers y's structure to check later warm starts)."""
+        pt.check_tree(y, "y")
+        self._signature = pt.signature(y)
         return self._opt.init(pt.detach(y))
 
+    def _check_state(self, y: Tree) -> None:
+        if self._signature is not None and pt.signature(y) != self._signature:
+            raise ValueError("y does not match the optimizer state (its keys, shapes or dtypes differ "
+                             "from the y given to init, e.g. after a truncation); call "
+                             "solver.init(y) for a fresh state, or shrink the state like y")
+
     def run(self, x: Tree, y: Tree, batches: Any, state: Optional[Any] = None, steps: int = 1):
-        """``steps`` optimizer steps on ``g(x, ·, batch)``; ``batches`` is a batch or an iterator."""
-        if steps < 0:
-            raise ValueError(f"steps must be >= 0, got {steps!r}")
+        """``steps`` optimizer steps on ``g(x, ·, ξ_t)``; ``batches`` is one batch or an iterator.
+
+        Returns ``(y, state, LowerInfo)``; pass ``y`` and ``state`` back in to continue (warm start)."""
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        pt.check_tree(x, "x")
+        pt.check_tree(y, "y")
         x = pt.detach(x)
         y = pt.detach(y)
         if state is None:
             state = self.init(y)
-        gv = grad_and_value(self.problem.g, argnums=1)
+        else:
+            self._check_state(y)
         losses = []
         for _ in range(steps):
-            gy, value = gv(x, y, draw(batches))
+            gy, value = self._gv(x, y, draw(batches))
             updates, state = self._opt.update(gy, state, params=y, inplace=False)
             y = torchopt.apply_updates(y, updates, inplace=False)
             losses.append(value.detach())

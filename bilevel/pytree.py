@@ -38,32 +38,47 @@ def check_same_structure(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Te
                              f"has shape {tuple(b[k].shape)}")
 
 
+def signature(tree: Mapping[str, torch.Tensor]) -> tuple:
+    """Hashable structure of a pytree: ``((key, shape, dtype, device), ...)`` (no data, no sync)."""
+    return tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in tree.items())
+
+
 def map_(fn: Callable[..., torch.Tensor], *trees: Mapping[str, torch.Tensor]) -> Tree:
     first = trees[0]
     return {k: fn(*(t[k] for t in trees)) for k in first}
 
 
+def _vals(tree: Mapping[str, torch.Tensor], keys) -> list:
+    return [tree[k] for k in keys]
+
+
 def add(a: Tree, b: Tree) -> Tree:
-    return {k: a[k] + b[k] for k in a}
+    keys = list(a)
+    return dict(zip(keys, torch._foreach_add(_vals(a, keys), _vals(b, keys))))
 
 
 def sub(a: Tree, b: Tree) -> Tree:
-    return {k: a[k] - b[k] for k in a}
+    keys = list(a)
+    return dict(zip(keys, torch._foreach_sub(_vals(a, keys), _vals(b, keys))))
 
 
 def scale(alpha, a: Tree) -> Tree:
-    return {k: alpha * v for k, v in a.items()}
+    """``alpha * a``; ``alpha`` a Python number or a 0-dim tensor (kept on device: no host sync)."""
+    keys = list(a)
+    return dict(zip(keys, torch._foreach_mul(_vals(a, keys), alpha)))
 
 
 def axpy(alpha, x: Tree, y: Tree) -> Tree:
-    """``alpha * x + y``."""
-    return {k: torch.add(y[k], x[k], alpha=alpha) if isinstance(alpha, (int, float))
-            else y[k] + alpha * x[k] for k in y}
+    """``alpha * x + y`` (one fused multi-tensor op per call; ``alpha`` a number or 0-dim tensor)."""
+    keys = list(y)
+    if isinstance(alpha, (int, float)):
+        return dict(zip(keys, torch._foreach_add(_vals(y, keys), _vals(x, keys), alpha=alpha)))
+    return dict(zip(keys, torch._foreach_add(_vals(y, keys), torch._foreach_mul(_vals(x, keys), alpha))))
 
 
 def dot(a: Tree, b: Tree) -> torch.Tensor:
     """Inner product ``Σ_k <a_k, b_k>`` as a 0-dim tensor (no host sync)."""
-    terms = [torch.sum(a[k] * b[k]) for k in a]
+    terms = [torch.vdot(a[k].reshape(-1), b[k].reshape(-1)) for k in a]
     return torch.stack(terms).sum() if len(terms) > 1 else terms[0]
 
 

@@ -21,7 +21,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..problem import BilevelProblem
+from ..problem import HVP_MODES, BilevelProblem
 from ..pytree import Tree
 
 
@@ -51,6 +51,9 @@ def is_batch_iterator(obj: Any) -> bool:
 
 def draw(lower_batch: Any) -> Any:
     """One batch: the next of an iterator, or the batch itself."""
+    if isinstance(lower_batch, torch.utils.data.DataLoader):
+        raise TypeError("lower_batch is a DataLoader, which is neither a batch nor an iterator of "
+                        "batches; pass bilevel.BatchStream(loader) (endless) or one batch")
     if is_batch_iterator(lower_batch):
         try:
             return next(lower_batch)
@@ -95,6 +98,27 @@ class Estimator:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
+
+
+class HvpModeOption:
+    """Mixin: a validated ``hvp_mode`` attribute (see :class:`bilevel.LowerOperators`)."""
+
+    _hvp_mode: str = "auto"
+
+    @property
+    def hvp_mode(self) -> str:
+        return self._hvp_mode
+
+    @hvp_mode.setter
+    def hvp_mode(self, mode: str) -> None:
+        if mode not in HVP_MODES:
+            raise ValueError(f"hvp_mode={mode!r} is not one of {HVP_MODES}")
+        self._hvp_mode = mode
+
+    def __repr__(self) -> str:
+        opts = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        opts["hvp_mode"] = self.hvp_mode
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
 
 
 class _Prepend:

@@ -19,12 +19,12 @@ import torch
 from .. import pytree as pt
 from ..problem import BilevelProblem
 from ..pytree import Tree
-from .base import Estimator, EstimatorInfo, draw
+from .base import Estimator, EstimatorInfo, HvpModeOption, draw
 
 MODES = ("ghadimi-wang", "stocbio")
 
 
-class StochasticNeumann(Estimator):
+class StochasticNeumann(HvpModeOption, Estimator):
     name = "stochastic-neumann"
 
     def __init__(self, eta: float = 0.1, terms: int = 20, mode: str = "ghadimi-wang",
@@ -38,15 +38,17 @@ class StochasticNeumann(Estimator):
             raise ValueError(f"mode={mode!r} is not one of {MODES}")
         self.eta, self.terms, self.mode, self.hvp_mode = eta, terms, mode, hvp_mode
         if generator is None:
+            # Without a seed, draw one from the global RNG: reproducible under torch.manual_seed, and
+            # (unlike torch.seed()) it does not re-seed the caller's global generator.
             generator = torch.Generator()
-            generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
+            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,))))
         self._gen = generator
 
     def estimate(self, problem: BilevelProblem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any):
         gx, gy, value = problem.upper_grads(x, y, upper_batch)
         hvps = 0
         if self.mode == "ghadimi-wang":
-            K = int(torch.randint(0, self.terms, (1,), generator=self._gen))
+            K = int(torch.randint(0, self.terms, (1,), generator=self._gen))  # CPU generator: no device sync
             p = gy
             for _ in range(K):
                 p = pt.axpy(-self.eta, problem.operators(x, y, draw(lower_batch), self.hvp_mode).hvp(p), p)
