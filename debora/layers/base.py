@@ -1,0 +1,157 @@
+"""``AdapterLayer``: what every dEBORA adapter shares (a frozen base layer + rank weights ``s``).
+
+Parameters of an adapter layer (names are part of the public contract):
+
+* ``s``      — rank weights, shape ``[r]`` (paper: s). An ``nn.Parameter`` with
+  ``requires_grad=False``: s is the upper-level variable, moved by Frank-Wolfe, never by a gradient
+  optimizer; a plain ``torch.optim`` over ``requires_grad`` parameters therefore trains exactly the
+  lower level (bases + modules_to_save).
+* bases      — ``U`` ``[out, r]`` and ``V`` ``[in, r]`` for matrix layers; ``A`` ``[out, r]``,
+  ``B`` ``[in, r]``, ``C`` ``[kh, r]``, ``D`` ``[kw, r]`` for CP conv layers (``requires_grad=True``).
+* ``base``   — the wrapped layer, frozen.
+
+``scaling = alpha / r0`` is fixed at injection: truncation lowers r without rescaling.
+
+Initialisation (ΔW = 0 at start, s feasible):
+  * Euclidean bases: the output factor (``U`` / ``A``) is zero, as in LoRA.
+  * Oblique / Stiefel bases cannot be zero, so the initial update ΔW0 is *folded* into the base
+    weight (``W0 ← W0 − ΔW0``, like PEFT's PiSSA/OLoRA): the model output is unchanged at start.
+    The initial factors are kept as buffers (``U0`` = scaling·U·diag(s0), ``V0``; ``A0`` … ``D0`` for
+    CP) so that saving, loading onto an untouched base model, and PEFT export stay exact.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import manifolds
+
+
+class AdapterLayer(nn.Module):
+    """Base class: ``base`` layer + ``s`` + bases; subclasses define the bases and the forward."""
+
+    basis_names: Sequence[str] = ()
+
+    def __init__(self, base: nn.Module, basis: str, scaling: float):
+        super().__init__()
+        self.base = base
+        self.basis = basis
+        self.scaling = float(scaling)
+        self.folded = False
+
+    # -- shape information ------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return int(self.s.shape[0])
+
+    @property
+    def basis_kinds(self) -> Dict[str, str]:
+        return {n: self.basis for n in self.basis_names}
+
+    def max_rank(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def basis_shapes(self, r: int) -> Dict[str, tuple]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def weight_ref(self) -> torch.Tensor:
+        return self.base.weight
+
+    # -- construction -----------------------------------------------------------------------------
+    def _set_params(self, s: torch.Tensor, bases: Dict[str, torch.Tensor]) -> None:
+        """Install (new) Parameter objects for s and the bases."""
+        w = self.weight_ref
+        self.s = nn.Parameter(s.to(device=w.device, dtype=w.dtype).contiguous(), requires_grad=False)
+        for n in self.basis_names:
+            t = bases[n].to(device=w.device, dtype=w.dtype).contiguous()
+            setattr(self, n, nn.Parameter(t, requires_grad=True))
+
+    def empty_(self, r: int) -> None:
+        """Zero-filled adapter of rank r (used when loading saved weights)."""
+        w = self.weight_ref
+        z = {n: torch.zeros(shape, dtype=w.dtype) for n, shape in self.basis_shapes(r).items()}
+        self._set_params(torch.zeros(r, dtype=w.dtype), z)
+
+    def init_(self, r: int, s0: float, generator: Optional[torch.Generator] = None) -> None:
+        """Random bases (ΔW = 0, see module doc) and ``s = s0·1``."""
+        if not 1 <= r <= self.max_rank():
+            raise ValueError(f"init_rank={r} is not allowed for this {self.describe()}: it must be "
+                             f"between 1 and {self.max_rank()}; lower init_rank or leave this layer out "
+                             f"of target_modules")
+        bases = {}
+        for n, shape in self.basis_shapes(r).items():
+            kind = self.basis_kinds[n]
+            bases[n] = manifolds.random_point(kind, shape[0], r, generator, torch.float64)
+        if self.basis == "euclidean":
+            bases = self._euclidean_init(bases, generator)
+        self._set_params(torch.full((r,), float(s0), dtype=torch.float64), bases)
+        if self.basis != "euclidean":
+            self.fold_init_()
+
+    def _euclidean_init(self, bases, generator):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- the update -------------------------------------------------------------------------------
+    def init_factors(self) -> Dict[str, torch.Tensor]:
+        """The folded initial factors (empty for Euclidean bases)."""
+        return {n: getattr(self, n + "0") for n in self.basis_names if hasattr(self, n + "0")}
+
+    def _delta_from(self, s: torch.Tensor, bases: Dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    @torch.no_grad()
+    def fold_init_(self, factors: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """``W0 ← W0 − ΔW0`` and remember ΔW0's factors as buffers (see module doc)."""
+        if factors is None:
+            first = self.basis_names[0]
+            factors = {n: getattr(self, n).detach().clone() for n in self.basis_names}
+            factors[first] = factors[first] * (self.s.detach() * self.scaling)
+        for n, t in factors.items():
+            self.register_buffer(n + "0", t.to(self.weight_ref).contiguous())
+        one = torch.ones(factors[self.basis_names[0]].shape[1], dtype=self.weight_ref.dtype,
+                         device=self.weight_ref.device)
+        self.weight_ref.sub_(self._delta_from(one, factors, 1.0))
+        self.folded = True
+
+    @torch.no_grad()
+    def unfold_delta(self) -> torch.Tensor:
+        """ΔW0 that was folded into the base weight (zeros if none)."""
+        f = self.init_factors()
+        if not f:
+            return torch.zeros_like(self.weight_ref)
+        one = torch.ones(f[self.basis_names[0]].shape[1], dtype=self.weight_ref.dtype,
+                         device=self.weight_ref.device)
+        return self._delta_from(one, f, 1.0)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense update ΔW in the layout of ``base.weight`` (includes ``scaling``)."""
+        return self._delta_from(self.s, {n: getattr(self, n) for n in self.basis_names}, self.scaling)
+
+    # -- truncation and merging -------------------------------------------------------------------
+    @torch.no_grad()
+    def keep_(self, idx: torch.Tensor) -> None:
+        """Keep only components ``idx`` (new Parameter objects, same requires_grad)."""
+        idx = idx.to(self.s.device)
+        self.s = nn.Parameter(self.s.index_select(0, idx).clone(), requires_grad=self.s.requires_grad)
+        for n in self.basis_names:
+            p = getattr(self, n)
+            setattr(self, n, nn.Parameter(p.index_select(1, idx).clone(), requires_grad=p.requires_grad))
+
+    @torch.no_grad()
+    def merged_base(self) -> nn.Module:
+        """The base layer with ΔW added to its weight (in place), to replace this adapter."""
+        if self.rank > 0:
+            self.weight_ref.add_(self.delta_weight())
+        return self.base
+
+    def adapter_numel(self) -> int:
+        return self.s.numel() + sum(getattr(self, n).numel() for n in self.basis_names)
+
+    def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, basis={self.basis!r}, scaling={self.scaling:g}"

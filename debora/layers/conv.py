@@ -1,0 +1,102 @@
+"""CP (CANDECOMP/PARAFAC) adapter for ``nn.Conv2d``.
+
+    ΔK = scaling · Σ_i s_i a_i ⊗ b_i ⊗ c_i ⊗ d_i          (out × in × kh × kw)
+
+with ``A`` ``[out, r]``, ``B`` ``[in, r]``, ``C`` ``[kh, r]``, ``D`` ``[kw, r]``. Applied without forming
+ΔK, as four cheap convolutions on r channels::
+
+    1×1 conv (in → r, weight Bᵀ)
+    depthwise kh×1 conv (weight C, base stride/padding/dilation along H)
+    depthwise 1×kw conv (weight D, base stride/padding/dilation along W)
+    multiply channel i by scaling·s_i
+    1×1 conv (r → out, weight A)
+
+This equals the dense convolution with kernel ΔK (zero padding, strides and dilations factor over the
+two spatial axes; ``padding="same"`` too, since PyTorch pads each axis independently).
+Parameters ``r(out + in + kh + kw)`` instead of LoRA's ``r(out + in·kh·kw)``.
+
+Refused (``ValueError``): grouped / depthwise convolutions (``groups > 1``: a CP factor over the
+grouped kernel would need one r-channel bottleneck per group) and ``padding_mode`` other than
+``"zeros"``. Exclude such layers with a ``target_modules`` regex.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer
+
+
+class CPConv2dAdapter(AdapterLayer):
+    """dEBORA CP adapter around an ``nn.Conv2d`` (``groups == 1``, zero padding)."""
+
+    basis_names = ("A", "B", "C", "D")
+
+    def __init__(self, base: nn.Conv2d, basis: str, scaling: float, name: str = "conv"):
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"CPConv2dAdapter wraps nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1:
+            raise ValueError(f"{name!r} is a grouped convolution (groups={base.groups}); CP adapters "
+                             "support groups=1 only. Leave depthwise/grouped convs out of "
+                             "target_modules (e.g. with a regex)")
+        if base.padding_mode != "zeros":
+            raise ValueError(f"{name!r} uses padding_mode={base.padding_mode!r}; CP adapters support "
+                             "'zeros' only. Leave it out of target_modules")
+        super().__init__(base, basis, scaling)
+        self.out_channels, self.in_channels, self.kh, self.kw = base.weight.shape
+        sh, sw = base.stride
+        dh, dw = base.dilation
+        if isinstance(base.padding, str):
+            ph = pw = base.padding
+        else:
+            ph, pw = (base.padding[0], 0), (0, base.padding[1])
+        self._h = dict(stride=(sh, 1), padding=ph, dilation=(dh, 1))
+        self._w = dict(stride=(1, sw), padding=pw, dilation=(1, dw))
+
+    @property
+    def basis_kinds(self):
+        small = "oblique" if self.basis == "stiefel" else self.basis
+        return {"A": self.basis, "B": self.basis, "C": small, "D": small}
+
+    def max_rank(self) -> int:
+        dims = sorted((self.out_channels, self.in_channels, self.kh, self.kw))
+        bound = dims[0] * dims[1] * dims[2]          # generic CP-rank bound: product of the rest
+        if self.basis == "stiefel":
+            bound = min(bound, self.out_channels, self.in_channels)
+        return bound
+
+    def basis_shapes(self, r: int):
+        return {"A": (self.out_channels, r), "B": (self.in_channels, r), "C": (self.kh, r),
+                "D": (self.kw, r)}
+
+    def _euclidean_init(self, bases, generator):
+        r = bases["A"].shape[1]
+        bound = 1.0 / math.sqrt(self.in_channels)
+        bases["B"] = (torch.rand(self.in_channels, r, generator=generator, dtype=torch.float64)
+                      * 2 - 1) * bound
+        bases["A"] = torch.zeros(self.out_channels, r, dtype=torch.float64)
+        for n in ("C", "D"):
+            X = bases[n]
+            bases[n] = X / X.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        return bases
+
+    def _delta_from(self, s, f, scaling):
+        return torch.einsum("i,oi,ci,pi,qi->ocpq", s * scaling, f["A"], f["B"], f["C"], f["D"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        r = self.s.shape[0]
+        if r == 0:
+            return out
+        h = F.conv2d(x, self.B.transpose(0, 1).contiguous()[:, :, None, None])
+        h = F.conv2d(h, self.C.transpose(0, 1).contiguous()[:, None, :, None], groups=r, **self._h)
+        h = F.conv2d(h, self.D.transpose(0, 1).contiguous()[:, None, None, :], groups=r, **self._w)
+        h = h * (self.s * self.scaling)[:, None, None]
+        return out + F.conv2d(h, self.A[:, :, None, None])
+
+    def describe(self) -> str:
+        return (f"Conv2d(in={self.in_channels}, out={self.out_channels}, "
+                f"kernel={self.kh}x{self.kw})")
