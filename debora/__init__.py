@@ -40,9 +40,7 @@ __all__ = ["DeboraConfig", "inject", "upper_parameters", "lower_parameters", "ba
            "adapter_layers", "get_config", "AdapterLayer", "MatrixAdapter", "CPConv2dAdapter",
            "DeboraClosedForm"]
 
-try:  # persistence and PEFT export
-    from .io import from_pretrained, save_pretrained  # noqa: F401
-    from .peft_export import export_peft  # noqa: F401
-    __all__ += ["save_pretrained", "from_pretrained", "export_peft"]
-except ImportError:  # pragma: no cover - while being built
-    pass
+from .io import from_pretrained, save_pretrained  # noqa: E402
+from .peft_export import export_peft  # noqa: E402
+
+__all__ += ["save_pretrained", "from_pretrained", "export_peft"]

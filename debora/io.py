@@ -1,0 +1,187 @@
+"""Save and load dEBORA adapters: a versioned JSON config + safetensors weights (never pickle).
+
+    debora.save_pretrained(model, "out/")        # out/debora_config.json, out/adapter_model.safetensors
+    model = debora.from_pretrained(base_model, "out/")
+
+``debora_config.json`` holds ``format`` (``"debora-adapter"``), ``format_version`` (currently 1), the
+:class:`DeboraConfig`, one entry per adapter layer (class of the base layer, base weight shape, current
+rank, scaling, basis, whether ΔW0 was folded into the base weight), the ``modules_to_save`` names, the
+shape of every stored tensor and the SHA-256 of the weights file. The safetensors file holds, under
+their model names, every layer's ``s`` and bases, the folded initial factors (``U0``, ``V0`` /
+``A0`` … ``D0``, oblique/Stiefel only) and the state of ``modules_to_save``.
+
+Loading checks, *before the model is touched*: format and version, the checksum (a corrupted or
+truncated file is refused), that every adapted layer exists in ``base_model`` with the same class and
+weight shape, that every tensor has the recorded shape and there are no missing or extra tensors.
+Any mismatch raises ``ValueError`` naming the problem. Tensors are cast to the dtype/device of the
+base weights. Saving and loading in the same dtype is bit-exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .config import DeboraConfig
+from .inject import _set_module, get_config, saved_modules
+from .layers import adapter_layers, make_adapter
+
+FORMAT = "debora-adapter"
+FORMAT_VERSION = 1
+CONFIG_NAME = "debora_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _layer_kind(layer) -> str:
+    return type(layer.base).__name__
+
+
+def save_pretrained(model: nn.Module, path: str) -> None:
+    """Write the adapters (and modules_to_save) of ``model`` to the directory ``path``."""
+    from safetensors.torch import save_file
+
+    cfg = get_config(model)
+    layers = adapter_layers(model)
+    tensors: Dict[str, torch.Tensor] = {}
+    meta_layers = {}
+    for name, layer in layers.items():
+        meta_layers[name] = {"base_class": _layer_kind(layer),
+                             "base_weight_shape": list(layer.weight_ref.shape),
+                             "rank": layer.rank, "scaling": layer.scaling, "basis": layer.basis,
+                             "folded": bool(layer.folded)}
+        tensors[f"{name}.s"] = layer.s
+        for b in layer.basis_names:
+            tensors[f"{name}.{b}"] = getattr(layer, b)
+        for b, t in layer.init_factors().items():
+            tensors[f"{name}.{b}0"] = t
+    saved = saved_modules(model)
+    for mname in saved:
+        for k, v in model.get_submodule(mname).state_dict().items():
+            tensors[f"{mname}.{k}"] = v
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    os.makedirs(path, exist_ok=True)
+    wpath = os.path.join(path, WEIGHTS_NAME)
+    save_file(tensors, wpath, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
+            "layers": meta_layers, "modules_to_save": saved,
+            "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            "weights_file": WEIGHTS_NAME, "weights_sha256": _sha256(wpath)}
+    with open(os.path.join(path, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def _read(path: str):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cpath, wpath = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
+    for p in (cpath, wpath):
+        if not os.path.isfile(p):
+            raise ValueError(f"{p} does not exist; {path!r} is not a directory written by "
+                             "debora.save_pretrained")
+    try:
+        with open(cpath) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{cpath} is not valid JSON ({err}); the adapter config is corrupted") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{cpath} is not a dEBORA adapter config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{cpath} has format_version={version!r}; this version of debora reads "
+                         f"format_version {FORMAT_VERSION} only")
+    for key in ("config", "layers", "modules_to_save", "tensors", "weights_sha256"):
+        if key not in meta:
+            raise ValueError(f"{cpath} lacks the field {key!r}; the adapter config is corrupted")
+    digest = _sha256(wpath)
+    if digest != meta["weights_sha256"]:
+        raise ValueError(f"{wpath} does not match the checksum recorded in {CONFIG_NAME} (corrupted or "
+                         "replaced weights file)")
+    try:
+        tensors = load_file(wpath)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"cannot read {wpath}: {err}") from None
+    return meta, tensors
+
+
+def _validate(base_model: nn.Module, meta, tensors) -> DeboraConfig:
+    cfg = DeboraConfig.from_dict(meta["config"])
+    if adapter_layers(base_model):
+        raise ValueError("base_model already has dEBORA adapters; load into a plain base model")
+    modules = dict(base_model.named_modules())
+    expected: Dict[str, list] = {}
+    for name, info in meta["layers"].items():
+        if name not in modules:
+            raise ValueError(f"adapter layer {name!r} does not exist in base_model: wrong base model?")
+        mod = modules[name]
+        if type(mod).__name__ != info["base_class"]:
+            raise ValueError(f"{name!r} is a {type(mod).__name__} in base_model but the adapter was "
+                             f"saved for a {info['base_class']}: wrong base model?")
+        wshape = list(getattr(mod, "weight").shape)
+        if wshape != list(info["base_weight_shape"]):
+            raise ValueError(f"{name!r} has weight shape {wshape} in base_model but the adapter was "
+                             f"saved for {info['base_weight_shape']}: wrong base model?")
+        layer = make_adapter(name, mod, info["basis"], info["scaling"])
+        r = int(info["rank"])
+        expected[f"{name}.s"] = [r]
+        for b, shape in layer.basis_shapes(r).items():
+            expected[f"{name}.{b}"] = list(shape)
+        if info["folded"]:
+            r0 = cfg.init_rank
+            for b, shape in layer.basis_shapes(r0).items():
+                expected[f"{name}.{b}0"] = list(shape)
+    for mname in meta["modules_to_save"]:
+        if mname not in modules:
+            raise ValueError(f"module to save {mname!r} does not exist in base_model: wrong base model?")
+        for k, v in modules[mname].state_dict().items():
+            expected[f"{mname}.{k}"] = list(v.shape)
+    if set(expected) != set(tensors):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"adapter weights do not match base_model and config: missing {missing[:5]}, "
+                         f"unexpected {extra[:5]}")
+    for k, shape in expected.items():
+        if list(tensors[k].shape) != shape:
+            raise ValueError(f"tensor {k!r} has shape {list(tensors[k].shape)} in the weights file but "
+                             f"{shape} is expected: wrong base model or corrupted file")
+    return cfg
+
+
+def from_pretrained(base_model: nn.Module, path: str) -> nn.Module:
+    """Load adapters saved by :func:`save_pretrained` into ``base_model`` (in place; returns it)."""
+    meta, tensors = _read(path)
+    cfg = _validate(base_model, meta, tensors)
+    for p in base_model.parameters():
+        p.requires_grad_(False)
+    for name, info in meta["layers"].items():
+        layer = make_adapter(name, base_model.get_submodule(name), info["basis"], info["scaling"])
+        ref = layer.weight_ref
+        layer.empty_(int(info["rank"]))
+        with torch.no_grad():
+            layer.s.copy_(tensors[f"{name}.s"].to(ref))
+            for b in layer.basis_names:
+                getattr(layer, b).copy_(tensors[f"{name}.{b}"].to(ref))
+        if info["folded"]:
+            layer.fold_init_({b: tensors[f"{name}.{b}0"].to(ref) for b in layer.basis_names})
+        _set_module(base_model, name, layer)
+    for mname in meta["modules_to_save"]:
+        mod = base_model.get_submodule(mname)
+        prefix = mname + "."
+        mod.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)
+                             and k[len(prefix):] in mod.state_dict()})
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    base_model.debora_config = cfg
+    base_model.debora_saved_modules = list(meta["modules_to_save"])
+    return base_model
