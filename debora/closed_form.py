@@ -8,6 +8,18 @@ from ``∂_{s_η} U^{(k)}_{jβ} = −δ_{βη} U^{(k)}_{jβ} / s_β`` (bases shr
 task loss has a small Hessian in ΔW; whether G is close to the true hypergradient is measured by
 theory_checks, not assumed here.
 
+An identity worth knowing (tested in tests/test_debora_closed_form.py): the loss depends on
+component i only through ``s_i · u_i^{(1)} ⊗ … ⊗ u_i^{(d)}``, which is 1-homogeneous in s_i and in
+each u_i^{(k)}; by Euler's theorem ``diag(U^{(k)ᵀ} ∂_{U^{(k)}} f1) = s ⊙ ∂_s f1`` for *every* basis, at
+every point. Hence, exactly,
+
+    G(s) = (1 − d) · ∂_s f1        with Euclidean basis gradients (d = 2: −∂_s f1; CP: −3 ∂_s f1)
+    G(s) = ∂_s f1                  with Riemannian gradients on oblique / Stiefel bases.
+
+The estimator still evaluates the formula as written (so it stays correct for any problem that
+follows the naming convention but is not built from these adapters), but users should know that
+it carries no information beyond ``∂_s f1``.
+
 Cost: one backward pass of f1 (``problem.upper_grads``) for all layers, then per layer an O(r·n)
 reduction (no host sync, no Hessian-vector products).
 
@@ -21,8 +33,9 @@ Key convention (derived from names, so any problem following it works, not only
 
 ``basis_grad``:
   * ``"euclidean"`` (default): ``∂_U f1`` is the plain Euclidean gradient. This is the paper's
-    derivation (an implicit-function argument in the ambient space), and it is the only choice under
-    which the correction term is not trivially zero: on the oblique and Stiefel manifolds
+    derivation (an implicit-function argument in the ambient space, ``∂_s U = −U/s``), so the default
+    is the paper's formula as stated; it is also the only choice under which the correction term
+    is not trivially zero: on the oblique and Stiefel manifolds
     ``diag(Uᵀ P_U(G)) = 0`` for every G (the implicit direction −U_η/s_η rescales a column, which is
     normal to these manifolds), so ``"riemannian"`` reduces G to ``∂_s f1`` (the ``first-order``
     estimator) there. For Euclidean bases the two options coincide.
