@@ -15,7 +15,6 @@ from typing import Any, Optional
 
 import torch
 import torchopt
-from torch.func import grad_and_value
 
 from . import pytree as pt
 from .estimators.base import draw
@@ -46,7 +45,6 @@ class LowerSolver:
         self.problem = problem
         self.optimizer_name = optimizer
         self._opt = make_optimizer(optimizer, lr, **optimizer_kwargs)
-        self._gv = grad_and_value(problem.g, argnums=1)
         self._signature = None
 
     def init(self, y: Tree):
@@ -77,7 +75,7 @@ class LowerSolver:
             self._check_state(y)
         losses = []
         for _ in range(steps):
-            gy, value = self._gv(x, y, draw(batches))
+            gy, value = self.problem.lower_value_and_grad_y(x, y, draw(batches))
             updates, state = self._opt.update(gy, state, params=y, inplace=False)
             y = torchopt.apply_updates(y, updates, inplace=False)
             losses.append(value.detach())

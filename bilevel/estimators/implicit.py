@@ -108,15 +108,17 @@ class FixedPoint(ImplicitEstimator):
     name = "fixed-point"
 
     def __init__(self, eta: float = 0.1, tol: float = 1e-8, maxiter: int = 1000,
-                 warm_start: bool = False, hvp_mode: str = "auto"):
+                 warm_start: bool = False, hvp_mode: str = "auto", check_every: int = 1):
         if eta <= 0:
             raise ValueError(f"eta must be > 0 (and ≤ 1/λ_max of the lower Hessian), got {eta!r}")
         self.eta, self.tol, self.maxiter, self.warm_start, self.hvp_mode = eta, tol, maxiter, warm_start, hvp_mode
+        self.check_every = check_every
         self._last: Optional[Tree] = None
 
     def solve(self, matvec, b, ops=None):
         x0 = _warm(self._last, b) if self.warm_start else None
-        v, info = ls.fixed_point(matvec, b, self.eta, tol=self.tol, maxiter=self.maxiter, x0=x0)
+        v, info = ls.fixed_point(matvec, b, self.eta, tol=self.tol, maxiter=self.maxiter, x0=x0,
+                                 check_every=self.check_every)
         if self.warm_start:
             self._last = pt.detach(v)
         return v, info

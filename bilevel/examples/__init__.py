@@ -1,0 +1,1 @@
+"""Small end-to-end examples of :mod:`bilevel` (``python -m bilevel.examples.ridge``)."""
