@@ -1,0 +1,148 @@
+"""Command line: ``debora train …`` (also ``python -m debora train …``).
+
+Values come from, in increasing priority: the preset (``--preset``), the config file
+(``--config FILE``, YAML or JSON, keys = TrainConfig fields), then the flags given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+# flag -> (TrainConfig field, type, help)
+FLAGS = [
+    ("--model", "model", str, "hub name or local path (default: the packaged all-MiniLM-L6-v2; "
+                              "efficientnet-lite0 for images)"),
+    ("--dataset", "dataset", str, "packaged name (rotten-tomatoes, tweets, amazon, nyt, fashion-mnist), "
+                                  "local csv/tsv/json/jsonl file, or hub name"),
+    ("--dataset-config", "dataset_config", str, "hub dataset config, e.g. sst2 for glue"),
+    ("--task", "task", str, "text | image | auto"),
+    ("--text-column", "text_column", str, "text column (default: guessed)"),
+    ("--text-pair-column", "text_pair_column", str, "second text column for sentence pairs"),
+    ("--label-column", "label_column", str, "label column (default: guessed)"),
+    ("--train-split", "train_split", str, "hub split to train on (default train)"),
+    ("--eval-split", "eval_split", str, "hub split to evaluate on (default: validation if present)"),
+    ("--max-examples", "max_examples", int, "cap on training examples (stratified subset)"),
+    ("--max-eval-examples", "max_eval_examples", int, "cap on evaluation examples"),
+    ("--eval-fraction", "eval_fraction", float, "held-out fraction when the data has no eval split"),
+    ("--max-length", "max_length", int, "max tokens per example"),
+    ("--image-size", "image_size", int, "image side in px (images)"),
+    ("--target-modules", "target_modules", str, "comma-separated module names, or a regex "
+                                                "(default: all encoder Linear / all non-grouped Conv2d)"),
+    ("--modules-to-save", "modules_to_save", str, "comma-separated modules trained at the lower level "
+                                                  "(default: the classifier head)"),
+    ("--init-rank", "init_rank", int, "initial rank r0 of every adapter"),
+    ("--tau", "tau", float, "rank budget τ"),
+    ("--eps", "eps", float, "floor ε of s"),
+    ("--budget", "budget", str, "global | per_layer"),
+    ("--basis", "basis", str, "euclidean | oblique | stiefel"),
+    ("--alpha", "alpha", float, "LoRA-style scale α (update scaled by α/r0)"),
+    ("--split", "split", str, "halves (D1, D2 equal random halves) | same (D1 = D2)"),
+    ("--estimator", "estimator", str, "hypergradient estimator (bilevel.estimators.available())"),
+    ("--estimator-options", "estimator_options", json.loads, "JSON dict of estimator options"),
+    ("--inner-steps", "inner_steps", int, "T_max: lower-level steps per outer iteration"),
+    ("--fw", "fw", str, "away | vanilla | pairwise"),
+    ("--fw-step", "fw_step", str, "short | armijo | open-loop | constant"),
+    ("--fw-lipschitz", "fw_lipschitz", float, "M of the short step"),
+    ("--fw-step-size", "fw_step_size", float, "step of --fw-step constant"),
+    ("--gap-tol", "gap_tol", float, "p̃: stop updating s once the FW gap is below it"),
+    ("--truncate-from", "truncate_from", int, "n0: first outer iteration with truncation (<0: never)"),
+    ("--lr", "lr", float, "lower-level AdamW learning rate"),
+    ("--head-lr", "head_lr", float, "learning rate of the head (default: --lr)"),
+    ("--weight-decay", "weight_decay", float, "lower-level AdamW weight decay"),
+    ("--epochs", "epochs", float, "passes of the lower level over D2"),
+    ("--max-iterations", "max_iterations", int, "cap on outer iterations"),
+    ("--batch-size", "batch_size", int, "mini-batch size (D1 and D2)"),
+    ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
+    ("--grad-accum", "grad_accum", int, "gradient accumulation (micro-batches per step)"),
+    ("--eval-every", "eval_every", int, "evaluate every k outer iterations (0: start and end only)"),
+    ("--log-every", "log_every", int, "log metrics every k outer iterations"),
+    ("--checkpoint-every", "checkpoint_every", int, "checkpoint every k outer iterations (0: at the end)"),
+    ("--max-nonfinite", "max_nonfinite", int, "abort after this many skipped NaN/Inf steps"),
+    ("--output-dir", "output_dir", str, "where metrics, summary, plots, adapter and checkpoint go"),
+    ("--seed", "seed", int, "random seed"),
+    ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--bf16", "bf16", str, "auto (on CUDA) | on | off"),
+    ("--resume", "resume", str, "checkpoint directory to resume from, or 'auto' (output-dir/checkpoint)"),
+]
+LIST_FIELDS = ("target_modules", "modules_to_save")
+
+
+def _split_list(value: str):
+    if value is None:
+        return None
+    if any(c in value for c in "*()[]|\\^$+?") and "," not in value:
+        return value  # a regex
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="debora", description="dEBORA: bilevel low-rank adaptation")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    tr = sub.add_parser("train", help="fine-tune a model with dEBORA adapters",
+                        description="Fine-tune with dEBORA (paper §4): lower level AdamW on the bases and "
+                                    "head, upper level away-step Frank-Wolfe on the rank weights s.")
+    tr.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig values")
+    tr.add_argument("--preset", help="named preset: paper | default")
+    for flag, dest, typ, help_ in FLAGS:
+        tr.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
+    tr.add_argument("--export-peft", dest="export_peft", action="store_true", default=None,
+                    help="also export the adapter as a PEFT LoRA adapter (output-dir/peft)")
+    tr.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
+    tr.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                    help="no progress bar")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return parser
+
+
+def config_from_args(args) -> "TrainConfig":
+    from .train.config import TrainConfig, load_config_file
+    values = load_config_file(args.config) if args.config else {}
+    preset = args.preset or values.pop("preset", None)
+    values.pop("preset", None)
+    for _, dest, _, _ in FLAGS:
+        v = getattr(args, dest)
+        if v is not None:
+            values[dest] = _split_list(v) if dest in LIST_FIELDS else v
+    for dest in ("export_peft", "plots", "progress"):
+        v = getattr(args, dest)
+        if v is not None:
+            values[dest] = v
+    return TrainConfig.from_preset(preset, **values)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    for var in ("TOKENIZERS_PARALLELISM",):
+        os.environ.setdefault(var, "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "train":
+        parser.print_help()
+        return 2 if args.command is None else 1
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=1))
+            return 0
+        from .train import train
+        result = train(cfg)
+    except (ValueError, TypeError) as err:
+        print(f"debora train: error: {err}", file=sys.stderr)
+        return 2
+    except FloatingPointError as err:
+        print(f"debora train: aborted: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("debora train: interrupted (the last checkpoint, if any, is intact; resume with "
+              "--resume auto)", file=sys.stderr)
+        return 130
+    print(result.summary["table"])
+    print(f"outputs in {result.output_dir}: summary.md, metrics.jsonl, "
+          f"{', '.join(os.path.basename(p) for p in result.summary.get('plots', []))}, adapter/")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

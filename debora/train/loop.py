@@ -1,0 +1,524 @@
+"""The dEBORA training loop (paper §4, Algorithm 1 with the stochastic hypergradient of Algorithm 2).
+
+One outer iteration n::
+
+    D2 batches → T_max lower steps (AdamW on bases + head; tangent projection + retraction)
+    D1 batch   → estimator (any registered name, or an object) → g_n ≈ ∇F(s_n)
+    g_n        → Frank-Wolfe step on s (away-step by default) unless its gap ≤ p̃
+    n ≥ n0     → truncation of the components at the floor ε (bases, s, optimizer state, FW active set)
+
+The :class:`Trainer` owns the loop; the estimator and the Frank-Wolfe solver are objects handed to it.
+All mutable training state lives in :class:`TrainState` (no module-level state), so that the same
+code can later run one replica per process under ``torch.distributed``.
+
+Host synchronisation: the lower loop checks each step's loss for NaN/Inf (one scalar per step, needed
+to *skip* a bad step); losses and accuracies are otherwise accumulated on the device and read every
+``log_every`` iterations.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+import bilevel
+import debora
+
+from . import checkpoint as ckpt
+from .data import Examples, collate, to_device
+from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
+from .models import forward, inputs_fn, loss_fn
+from .split import Sampler
+
+from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when more than ``max_nonfinite`` steps had to be skipped for NaN/Inf values."""
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (and goes into a checkpoint)."""
+
+    iteration: int                       # completed outer iterations n
+    fw_state: Any                        # Frank-Wolfe solver state (active set, weights, s)
+    optimizer: torch.optim.Optimizer     # lower-level AdamW over debora.lower_parameters(model)
+    layout: SLayout                      # s blocks (names, sizes, original component ids)
+    d1: Sampler                          # upper-level batches
+    d2: Sampler                          # lower-level batches
+    d2_est: Sampler                      # lower batches handed to estimators that use them
+    skipped_lower: int = 0
+    skipped_upper: int = 0
+    s_frozen: bool = False               # FW gap reached p̃: s is no longer updated
+    last_gap: Optional[float] = None
+    elapsed: float = 0.0                 # wall seconds of previous sessions (resume)
+    history: Dict[str, Any] = field(default_factory=dict)   # eval at start, best eval, ...
+
+
+class _Batches:
+    """An endless iterator of device batches from a sampler (what estimators draw lower batches from)."""
+
+    def __init__(self, trainer: "Trainer", sampler: Sampler, examples: Examples):
+        self.trainer, self.sampler, self.examples = trainer, sampler, examples
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.trainer.batch(self.examples, self.sampler.next())
+
+
+def _finite(tree: Dict[str, torch.Tensor]) -> bool:
+    return bool(torch.stack([torch.isfinite(v).all() for v in tree.values()]).all())
+
+
+class Trainer:
+    """Bilevel training of a dEBORA-adapted model.
+
+    Args:
+        model: a model with adapters (``debora.inject``), on ``device``.
+        cfg: a :class:`~debora.train.config.TrainConfig`.
+        task: ``"text"`` or ``"image"``.
+        d1, d2: training examples of the upper / lower level (``Examples``; may be the same object).
+        eval_examples: the held-out evaluation examples.
+        estimator: a registered estimator name or an estimator object (default ``cfg.estimator``).
+        fw_solver: a Frank-Wolfe solver object (``init``/``step``/``remove_coordinates``); default
+            built from ``cfg`` (``fw``, ``fw_step``, ``budget``, ``tau``, ``eps``, ``gap_tol``).
+        metrics: a :class:`~debora.train.metrics.MetricsWriter` or ``None``.
+    """
+
+    def __init__(self, model, cfg, task: str, d1: Examples, d2: Examples, eval_examples: Examples,
+                 device: torch.device, estimator=None, fw_solver=None, metrics=None,
+                 callback: Optional[Callable[["Trainer", TrainState, Dict[str, Any]], None]] = None):
+        self.model, self.cfg, self.task = model, cfg, task
+        self.d1, self.d2, self.eval_examples = d1, d2, eval_examples
+        self.device = torch.device(device)
+        self.metrics = metrics
+        self.callback = callback
+        est = estimator if estimator is not None else cfg.estimator
+        opts = cfg.estimator_options if isinstance(est, str) else {}
+        self.estimator = bilevel.estimators.get(est, **(opts or {}))
+        self.estimator_name = est if isinstance(est, str) else type(est).__name__
+        self._fw_solver = fw_solver
+        self._user_fw = fw_solver is not None
+        self._problem = None
+        self._state_layout = None
+        self.inputs_fn = inputs_fn(task)
+        use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
+        self.autocast_dtype = torch.bfloat16 if use_bf16 else None
+        per_epoch = math.ceil(len(d2) / (cfg.batch_size * cfg.grad_accum * cfg.inner_steps))
+        self.iterations_per_epoch = max(1, per_epoch)
+        total = max(1, math.ceil(cfg.epochs * self.iterations_per_epoch))
+        self.total_iterations = min(total, cfg.max_iterations) if cfg.max_iterations else total
+
+    # -- small helpers ----------------------------------------------------------------------------
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def batch(self, examples: Examples, idx) -> Dict[str, torch.Tensor]:
+        return to_device(collate(examples, idx, self.cfg.image_size), self.device)
+
+    def s_tree(self) -> Dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in debora.upper_parameters(self.model).items()}
+
+    def s_vector(self) -> torch.Tensor:
+        return torch.cat([v.detach().reshape(-1) for v in debora.upper_parameters(self.model).values()])
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        params = debora.lower_parameters(self.model)
+        saved = tuple(n + "." for n in saved_modules(self.model))
+        head = [p for n, p in params.items() if saved and n.startswith(saved)]
+        body = [p for n, p in params.items() if not (saved and n.startswith(saved))]
+        groups = [{"params": body, "lr": cfg.lr}]
+        if head:
+            groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def make_fw(self, layout: SLayout):
+        if self._fw_solver is not None:
+            return self._fw_solver
+        cfg = self.cfg
+        S = feasible_set(layout, cfg.tau, cfg.eps, cfg.budget)
+        self._fw_solver = make_solver(cfg.fw, S, step_rule(cfg.fw_step, cfg.fw_lipschitz, cfg.fw_step_size),
+                                      cfg.gap_tol)
+        return self._fw_solver
+
+    # -- state ------------------------------------------------------------------------------------
+    def init_state(self) -> TrainState:
+        cfg = self.cfg
+        ups = debora.upper_parameters(self.model)
+        layout = SLayout(list(ups), [p.numel() for p in ups.values()])
+        fw_solver = self.make_fw(layout)
+        fw_state = fw_solver.init(self.s_vector())
+        return TrainState(iteration=0, fw_state=fw_state, optimizer=self.make_optimizer(), layout=layout,
+                          d1=Sampler(len(self.d1), cfg.batch_size, cfg.seed, stream=1),
+                          d2=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=2),
+                          d2_est=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=3))
+
+    # -- algorithm pieces -------------------------------------------------------------------------
+    def lower_steps(self, state: TrainState, acc: Dict[str, torch.Tensor]) -> None:
+        """T_max AdamW steps on f2 (D2 batches) for the bases and the head; s fixed."""
+        cfg, model, opt = self.cfg, self.model, state.optimizer
+        model.train()
+        for _ in range(cfg.inner_steps):
+            opt.zero_grad(set_to_none=True)
+            total = None
+            for _ in range(cfg.grad_accum):
+                batch = self.batch(self.d2, state.d2.next())
+                with self.autocast():
+                    logits = forward(model, self.task, batch)
+                    loss = loss_fn(logits, batch)
+                (loss / cfg.grad_accum).backward()
+                total = loss.detach() if total is None else total + loss.detach()
+                acc["correct"] += (logits.detach().argmax(-1) == batch["labels"]).sum()
+                acc["seen"] += batch["labels"].numel()
+            total = total / cfg.grad_accum
+            if not bool(torch.isfinite(total)):
+                state.skipped_lower += 1
+                opt.zero_grad(set_to_none=True)
+                self._nonfinite(state, f"lower loss is {total.item()} at iteration {state.iteration}")
+                continue
+            debora.project_gradients(model)
+            opt.step()
+            debora.retract(model)
+            acc["lower_loss"] += total
+            acc["lower_steps"] += 1
+
+    def hypergradient(self, state: TrainState):
+        """``(g, upper loss)``: the estimator on D1 batch(es) at the current (B, s); g averaged over
+        ``grad_accum`` batches."""
+        cfg = self.cfg
+        if self._problem is None:   # built once (and after each truncation): it only holds the model
+            self._problem = debora.bilevel_problem(self.model, loss_fn, inputs_fn=self.inputs_fn)[0]
+        problem = self._problem
+        x = {k: v.detach() for k, v in debora.upper_parameters(self.model).items()}
+        y = {k: v.detach() for k, v in debora.lower_parameters(self.model).items()}
+        lower_iter = _Batches(self, state.d2_est, self.d2)
+        g_sum, value, info = None, None, None
+        for _ in range(cfg.grad_accum):
+            upper_batch = self.batch(self.d1, state.d1.next())
+            with self.autocast():
+                res = self.estimator(problem, x, y, upper_batch, lower_iter)
+            g = {k: res.grad[k].float() for k in x}
+            g_sum = g if g_sum is None else {k: g_sum[k] + g[k] for k in g}
+            v = res.info.upper_value
+            if v is not None:
+                value = v.detach().float() if value is None else value + v.detach().float()
+            info = res.info
+        g = {k: v / cfg.grad_accum for k, v in g_sum.items()}
+        if value is not None:
+            value = value / cfg.grad_accum
+        objective = None
+        if cfg.fw_step == "armijo":      # f1 on the last D1 batch as a function of the s vector
+            def objective(s_vec, _p=problem, _y=y, _b=upper_batch):
+                lay = self._state_layout
+                with torch.no_grad(), self.autocast():
+                    return _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items()}, _y, _b).float()
+        return g, value, objective
+
+    @torch.no_grad()
+    def write_s(self, s_vec: torch.Tensor, layout: SLayout) -> None:
+        ups = debora.upper_parameters(self.model)
+        for name, part in layout.split(s_vec).items():
+            ups[name].copy_(part.to(ups[name].dtype).view_as(ups[name]))
+
+    def fw_update(self, state: TrainState, g: Dict[str, torch.Tensor], objective=None):
+        """One Frank-Wolfe step on s with the hypergradient ``g`` (skipped, counted, if g is not finite)."""
+        if not _finite(g):
+            state.skipped_upper += 1
+            self._nonfinite(state, f"hypergradient has NaN/Inf at iteration {state.iteration}")
+            return None
+        fw_solver = self.make_fw(state.layout)
+        gvec = state.layout.flatten(g).to(state.fw_state.x.dtype)
+        s_new, fw_state, info = fw_solver.step(gvec, state.fw_state, objective=objective)
+        state.last_gap = info.gap
+        if self.cfg.gap_tol > 0 and bool(info.stationary):
+            state.s_frozen = True   # the paper's step 4: s stationary to tolerance p̃; stop updating it
+        state.fw_state = fw_state
+        self.write_s(s_new, state.layout)
+        return info
+
+    def at_floor(self, state: TrainState) -> torch.Tensor:
+        """Boolean mask over the s vector: components at the floor ε, as the FW solver sees them
+        (exactly: their vertex has weight 0; or within ``truncate_atol`` if that is set)."""
+        return self.make_fw(state.layout).at_floor(state.fw_state, atol=self.cfg.truncate_atol).cpu()
+
+    def truncate(self, state: TrainState) -> int:
+        """Remove the components at the floor from the model (bases, s), the lower optimizer's state and
+        the FW state (active set, weights), with the same global indices."""
+        mask = self.at_floor(state).clone()
+        if not bool(mask.any()):
+            return 0
+        x = state.fw_state.x.detach().cpu()
+        # the FW set keeps >= 1 coordinate per block (per-layer budget) / overall (global budget)
+        slices = ([slice(o, o + k) for o, k in zip(state.layout.offsets.values(), state.layout.sizes)]
+                  if self.cfg.budget == "per_layer" else [slice(0, x.numel())])
+        for sl in slices:
+            m = mask[sl]
+            if m.numel() and bool(m.all()):
+                m[int(torch.argmax(x[sl]))] = False
+        if not bool(mask.any()):
+            return 0
+        idx = torch.nonzero(mask).flatten()
+        # the adapters remove s_i <= ε: put exactly the selected entries there, the others above it
+        eps = self.cfg.eps
+        tmp = torch.where(mask, torch.full_like(x, eps), torch.clamp(x, min=2 * eps + 1e-6))
+        self.write_s(tmp, state.layout)
+        report = debora.truncate(self.model, atol=0.0, eps=eps, optimizer=state.optimizer)
+        removed = {name + ".s": tr.removed for name, tr in report.items()}
+        global_idx = torch.sort(state.layout.global_indices(removed)).values
+        if not torch.equal(global_idx, idx):
+            raise RuntimeError(f"truncation mismatch: the FW solver marks {idx.tolist()} at the floor but "
+                               f"the adapters removed {global_idx.tolist()}")
+        fw_solver = self.make_fw(state.layout)
+        state.fw_state = fw_solver.remove_coordinates(state.fw_state, global_idx,
+                                                      atol=self.cfg.truncate_atol)
+        state.layout.remove(removed)
+        self.write_s(state.fw_state.x, state.layout)
+        # a fresh problem: bilevel's Estimator re-validates a changed structure with lower_batch=None
+        self._problem = None
+        return int(idx.numel())
+
+    def _nonfinite(self, state: TrainState, message: str) -> None:
+        count = state.skipped_lower + state.skipped_upper
+        warnings.warn(f"{message}: step skipped ({count} skipped so far, limit "
+                      f"{self.cfg.max_nonfinite})", RuntimeWarning, stacklevel=3)
+        if self.metrics is not None:
+            self.metrics.write("nonfinite", iteration=state.iteration, message=message, count=count)
+        if count > self.cfg.max_nonfinite:
+            raise NonFiniteError(f"aborting: {count} steps had NaN/Inf values (limit max_nonfinite="
+                                 f"{self.cfg.max_nonfinite}); lower the learning rate or check the data. "
+                                 "The last good checkpoint (if any) is untouched")
+
+    @torch.no_grad()
+    def evaluate(self, examples: Optional[Examples] = None) -> Dict[str, float]:
+        ex = examples if examples is not None else self.eval_examples
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        n = len(ex)
+        for start in range(0, n, self.cfg.eval_batch_size):
+            batch = self.batch(ex, range(start, min(n, start + self.cfg.eval_batch_size)))
+            with self.autocast():
+                logits = forward(self.model, self.task, batch)
+            loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+            correct += (logits.argmax(-1) == batch["labels"]).sum()
+        self.model.train(was_training)
+        return {"eval_loss": float(loss_sum) / max(n, 1), "eval_acc": float(correct) / max(n, 1)}
+
+    def counts(self) -> Dict[str, int]:
+        lower = sum(p.numel() for p in debora.lower_parameters(self.model).values())
+        upper = sum(p.numel() for p in debora.upper_parameters(self.model).values())
+        adapters = sum(layer.adapter_numel() for layer in debora.adapter_layers(self.model).values())
+        return {"trainable": lower + upper, "adapter": adapters, "lower": lower, "upper": upper}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, state: TrainState, path: str, wall: float) -> str:
+        names = {id(p): n for n, p in debora.lower_parameters(self.model).items()}
+        model_tensors = {**{k: v.detach() for k, v in debora.upper_parameters(self.model).items()},
+                         **{k: v.detach() for k, v in debora.lower_parameters(self.model).items()}}
+        opt_tensors, opt_meta = {}, {"param_groups": [], "step_scalar": {}}
+        for group in state.optimizer.param_groups:
+            opt_meta["param_groups"].append({k: v for k, v in group.items() if k != "params"}
+                                            | {"params": [names[id(p)] for p in group["params"]]})
+            for p in group["params"]:
+                for key, val in state.optimizer.state.get(p, {}).items():
+                    if isinstance(val, torch.Tensor):
+                        opt_tensors[f"{names[id(p)]}|{key}"] = val
+                    else:
+                        opt_meta["step_scalar"][f"{names[id(p)]}|{key}"] = val
+        fw_tensors: Dict[str, torch.Tensor] = {}
+        fw = state.fw_state   # FWState minus its feasible set (rebuilt from the layout on load)
+        fw_fields = {f: getattr(fw, f) for f in ("x", "weights", "n", "rule_state")}
+        fw_layout = ckpt.flatten_state(fw_fields, "fw", fw_tensors)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, st in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{i}"] = st
+        meta = {"iteration": state.iteration, "fw_layout": fw_layout, "optimizer": opt_meta,
+                "layout": state.layout.state_dict(), "ranks": debora.rank_pattern(self.model),
+                "samplers": {"d1": state.d1.state_dict(), "d2": state.d2.state_dict(),
+                             "d2_est": state.d2_est.state_dict()},
+                "skipped_lower": state.skipped_lower, "skipped_upper": state.skipped_upper,
+                "s_frozen": state.s_frozen, "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
+                "history": state.history, "config": self.cfg.to_dict(),
+                "model_dtypes": {k: str(v.dtype) for k, v in model_tensors.items()}}
+        return ckpt.save(path, {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors,
+                                "rng": rng}, meta)
+
+    def load_checkpoint(self, path: str) -> TrainState:
+        tensors, meta = ckpt.load(path)
+        # adapters back to the saved ranks, then the saved values
+        layers = debora.adapter_layers(self.model)
+        for name, r in meta["ranks"].items():
+            if name not in layers:
+                raise ValueError(f"checkpoint {path!r} has an adapter {name!r} that this model lacks; "
+                                 "resume with the same model and target modules")
+            if layers[name].rank != r:
+                layers[name].empty_(int(r))
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in tensors["model"].items():
+                if k not in params:
+                    raise ValueError(f"checkpoint tensor {k!r} does not match any parameter of the model")
+                if params[k].shape != v.shape:
+                    raise ValueError(f"checkpoint tensor {k!r} has shape {tuple(v.shape)}, the model "
+                                     f"{tuple(params[k].shape)}")
+                params[k].copy_(v.to(params[k].device))
+        optimizer = self.make_optimizer()
+        named = debora.lower_parameters(self.model)
+        for g, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
+            for k, v in saved.items():
+                if k != "params":
+                    g[k] = v
+        for key, val in tensors["optimizer"].items():
+            pname, field_ = key.split("|", 1)
+            optimizer.state[named[pname]][field_] = val.to(named[pname].device)
+        for key, val in meta["optimizer"]["step_scalar"].items():
+            pname, field_ = key.split("|", 1)
+            optimizer.state[named[pname]][field_] = val
+        layout = SLayout.from_state(meta["layout"])
+        if not self._user_fw:
+            self._fw_solver = None      # rebuilt for the checkpoint's (possibly truncated) layout
+        from bilevel.frank_wolfe import FWState
+        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device)
+        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
+        fw_state = FWState(set=S, **fw_fields)
+        self.make_fw(layout)
+        cfg = self.cfg
+        state = TrainState(iteration=int(meta["iteration"]), fw_state=fw_state, optimizer=optimizer,
+                           layout=layout, d1=Sampler(len(self.d1), cfg.batch_size, cfg.seed, stream=1),
+                           d2=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=2),
+                           d2_est=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=3),
+                           skipped_lower=int(meta["skipped_lower"]), skipped_upper=int(meta["skipped_upper"]),
+                           s_frozen=bool(meta["s_frozen"]), last_gap=meta["last_gap"],
+                           elapsed=float(meta["elapsed"]), history=dict(meta["history"]))
+        state.d1.load_state_dict(meta["samplers"]["d1"])
+        state.d2.load_state_dict(meta["samplers"]["d2"])
+        state.d2_est.load_state_dict(meta["samplers"]["d2_est"])
+        torch.set_rng_state(tensors["rng"]["torch_cpu"])
+        if torch.cuda.is_available():
+            states = [tensors["rng"][k] for k in sorted(tensors["rng"]) if k.startswith("cuda_")]
+            if states:
+                torch.cuda.set_rng_state_all(states)
+        return state
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def train(self, state: Optional[TrainState] = None, checkpoint_path: Optional[str] = None,
+              progress: bool = True) -> TrainState:
+        cfg = self.cfg
+        if state is None:
+            state = self.init_state()
+        t0 = time.perf_counter() - state.elapsed
+        if state.iteration == 0 and "eval_start" not in state.history:
+            ev = self.evaluate()
+            state.history["eval_start"] = ev
+            state.history["counts_start"] = self.counts()
+            state.history["ranks_start"] = debora.rank_pattern(self.model)
+            if self.metrics is not None:
+                self.metrics.write("eval", iteration=0, epoch=0.0, **ev, **self.counts(),
+                                   time=time.perf_counter() - t0)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=self.total_iterations, initial=state.iteration, desc="dEBORA", unit="it",
+                       dynamic_ncols=True)
+        zero = lambda dt=torch.float32: torch.zeros((), device=self.device, dtype=dt)  # noqa: E731
+        acc = {"correct": zero(torch.long), "seen": 0, "lower_loss": zero(), "lower_steps": 0,
+               "upper_loss": zero(), "upper_n": 0}
+        info = None
+        try:
+            while state.iteration < self.total_iterations:
+                n = state.iteration
+                # 1. lower level
+                self.lower_steps(state, acc)
+                # 2.–6. hypergradient and Frank-Wolfe step on s
+                if not state.s_frozen:
+                    self._state_layout = state.layout
+                    g, value, objective = self.hypergradient(state)
+                    if value is not None:
+                        acc["upper_loss"] += value
+                        acc["upper_n"] += 1
+                    info = self.fw_update(state, g, objective)
+                state.iteration = n + 1
+                # 7. truncation from n0 on
+                removed = 0
+                if (cfg.truncate_from >= 0 and state.iteration >= cfg.truncate_from
+                        and (state.iteration - cfg.truncate_from) % cfg.truncate_every == 0):
+                    removed = self.truncate(state)
+                last = state.iteration == self.total_iterations
+                if state.iteration % cfg.log_every == 0 or last or removed:
+                    rec = self._log(state, acc, info, removed, time.perf_counter() - t0)
+                    acc = {"correct": zero(torch.long), "seen": 0, "lower_loss": zero(), "lower_steps": 0,
+                           "upper_loss": zero(), "upper_n": 0}
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['lower_loss']:.3f}" if rec["lower_loss"] is not None else "nan",
+                                        acc=f"{rec['train_acc']:.3f}" if rec["train_acc"] is not None else "-",
+                                        gap=f"{rec['fw_gap']:.2e}" if rec["fw_gap"] is not None else "-",
+                                        rank=rec["total_rank"], refresh=False)
+                if (cfg.eval_every and state.iteration % cfg.eval_every == 0) or last:
+                    ev = self.evaluate()
+                    best = state.history.get("eval_best")
+                    if best is None or ev["eval_acc"] > best["eval_acc"]:
+                        state.history["eval_best"] = dict(ev, iteration=state.iteration)
+                    state.history["eval_end"] = ev
+                    if self.metrics is not None:
+                        self.metrics.write("eval", iteration=state.iteration, epoch=state.d2.progress, **ev,
+                                           **self.counts(), time=time.perf_counter() - t0)
+                    if bar is not None:
+                        bar.write(f"[it {state.iteration}] eval loss {ev['eval_loss']:.4f} "
+                                  f"acc {100 * ev['eval_acc']:.2f}%  rank {sum(debora.rank_pattern(self.model).values())}")
+                if checkpoint_path and ((cfg.checkpoint_every and state.iteration % cfg.checkpoint_every == 0)
+                                        or last):
+                    self.save_checkpoint(state, checkpoint_path, time.perf_counter() - t0)
+                if bar is not None:
+                    bar.update(1)
+                if self.callback is not None:
+                    self.callback(self, state, {"info": info, "removed": removed})
+        finally:
+            if bar is not None:
+                bar.close()
+        state.elapsed = time.perf_counter() - t0
+        return state
+
+    def _log(self, state: TrainState, acc, info, removed: int, wall: float) -> Dict[str, Any]:
+        ranks = debora.rank_pattern(self.model)
+        s = {k[:-2]: [round(float(x), 6) for x in v.detach().float().cpu()]
+             for k, v in debora.upper_parameters(self.model).items()}
+        ids = {k[:-2]: list(v) for k, v in state.layout.ids.items()}
+        rec = {
+            "iteration": state.iteration, "epoch": round(state.d2.progress, 4),
+            "lower_loss": float(acc["lower_loss"]) / acc["lower_steps"] if acc["lower_steps"] else None,
+            "upper_loss": float(acc["upper_loss"]) / acc["upper_n"] if acc["upper_n"] else None,
+            "train_acc": float(acc["correct"]) / acc["seen"] if acc["seen"] else None,
+            "fw_gap": _maybe_float(state.last_gap),
+            "fw_kind": (info.kind_counts if hasattr(info, "kind_counts") else getattr(info, "kind", None))
+            if info is not None else None,
+            "fw_step": _maybe_float(info.step_size.max()) if info is not None else None,
+            "active_set": _maybe_float(info.active_set_size) if info is not None else None,
+            "s_frozen": state.s_frozen, "removed": removed, "total_rank": sum(ranks.values()),
+            "ranks": ranks, "s": s, "s_ids": ids, **self.counts(),
+            "skipped": state.skipped_lower + state.skipped_upper, "time": round(wall, 3),
+        }
+        if self.metrics is not None:
+            self.metrics.write("train", **rec)
+        return rec
+
+
+def _maybe_float(v):
+    if v is None:
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,189 @@
+"""``train(cfg)``: data → splits → model + adapters → :class:`Trainer` → adapter, summary, plots.
+
+Output directory layout::
+
+    <output_dir>/config.json        the resolved TrainConfig
+    <output_dir>/metrics.jsonl      one JSON object per logged iteration / evaluation
+    <output_dir>/checkpoint/        exact resume point (see debora.train.checkpoint)
+    <output_dir>/adapter/           debora.save_pretrained (reload with debora.from_pretrained)
+    <output_dir>/peft/              PEFT LoRA export (if export_peft)
+    <output_dir>/summary.md|json    the summary table
+    <output_dir>/*.png              ranks, s trajectories, FW gap, train/eval curves
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+import debora
+
+from . import checkpoint as ckpt
+from . import summary as summary_mod
+from .config import TrainConfig
+from .data import Examples, image_examples, load_raw, resolve_task, tokenize
+from .loop import Trainer, TrainState, _maybe_float
+from .metrics import MetricsWriter
+from .models import (default_modules_to_save, default_targets, load_image_model, load_text_model)
+from .split import make_splits
+
+
+@dataclass
+class TrainResult:
+    summary: Dict[str, Any]
+    model: Any
+    state: TrainState
+    trainer: Trainer
+    output_dir: str
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r} is not a valid torch device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} was asked for but CUDA is not available; use --device cpu "
+                         "or auto")
+    return dev
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def prepare(cfg: TrainConfig, device: torch.device):
+    """``(model, task, d1, d2, eval, splits, info)``: everything the Trainer needs, adapters injected."""
+    task = resolve_task(cfg)
+    if cfg.dropout > 0:
+        raise ValueError(f"dropout={cfg.dropout}: adapter dropout is not implemented (the paper uses "
+                         "none); set dropout to 0")
+    raw = load_raw(cfg)
+    if len(raw) == 0:
+        raise ValueError(f"dataset {cfg.dataset!r} has no labelled examples")
+    splits = make_splits(raw.labels, cfg.seed, cfg.split, cfg.eval_fraction, cfg.max_examples,
+                         eval_labels=None if raw.eval is None else raw.eval.labels,
+                         max_eval_examples=cfg.max_eval_examples)
+    pool = raw.subset(splits.pool)
+    ev_raw = (raw.eval if splits.eval_from_source else raw).subset(splits.eval)
+    num_labels = max(len(raw.label_names), int(raw.labels.max()) + 1)
+    if num_labels < 2:
+        raise ValueError(f"dataset {cfg.dataset!r} has a single class; classification needs >= 2")
+    torch.manual_seed(cfg.seed)   # the head's initialisation
+    if task == "text":
+        tokenizer, model, model_name = load_text_model(cfg.model, num_labels)
+        pool_ex = tokenize(pool, tokenizer, cfg.max_length)
+        eval_ex = tokenize(ev_raw, tokenizer, cfg.max_length)
+    else:
+        tokenizer = None
+        model, model_name = load_image_model(cfg.model, num_labels)
+        pool_ex, eval_ex = image_examples(pool), image_examples(ev_raw)
+    d1 = _take(pool_ex, splits.d1)
+    d2 = d1 if cfg.split == "same" else _take(pool_ex, splits.d2)
+    targets = cfg.target_modules if cfg.target_modules else default_targets(model, task)
+    to_save = cfg.modules_to_save if cfg.modules_to_save else default_modules_to_save(model, task)
+    dcfg = debora.DeboraConfig(target_modules=targets, init_rank=cfg.init_rank, alpha=cfg.alpha,
+                               tau=cfg.tau, eps=cfg.eps, budget=cfg.budget, basis=cfg.basis,
+                               modules_to_save=to_save, init_seed=cfg.seed)
+    debora.inject(model, dcfg)
+    model.to(device)
+    info = {"task": task, "model": model_name, "tokenizer": tokenizer, "label_names": raw.label_names,
+            "splits": splits.sizes(), "debora_config": dcfg.to_dict()}
+    return model, task, d1, d2, eval_ex, splits, info
+
+
+def _take(ex: Examples, idx) -> Examples:
+    idx = np.asarray(idx, dtype=np.int64)
+    lab = ex.labels[torch.as_tensor(idx)]
+    if ex.images is not None:
+        return Examples(labels=lab, images=ex.images[torch.as_tensor(idx)], meta=ex.meta)
+    return Examples(labels=lab, features=[ex.features[i] for i in idx.tolist()], meta=ex.meta)
+
+
+def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
+          progress: Optional[bool] = None) -> TrainResult:
+    """Run dEBORA training as configured; returns the summary, the trained model and the final state."""
+    t_start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    out = os.path.abspath(cfg.output_dir)
+    os.makedirs(out, exist_ok=True)
+    ckpt_path = os.path.join(out, "checkpoint")
+    resume_from = None
+    if cfg.resume:
+        resume_from = ckpt_path if cfg.resume == "auto" else cfg.resume
+        if ckpt.resolve(resume_from) is None:
+            if cfg.resume != "auto":
+                raise ValueError(f"--resume {cfg.resume!r}: no checkpoint there (expected a directory "
+                                 "with state.json written by `debora train`)")
+            resume_from = None
+    model, task, d1, d2, eval_ex, splits, info = prepare(cfg, device)
+    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    state = None
+    resume_iteration = None
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    if resume_from is not None:
+        _, meta = ckpt.load(resume_from)
+        resume_iteration = int(meta["iteration"])
+    metrics = MetricsWriter(metrics_path, resume_iteration=resume_iteration)
+    trainer = Trainer(model, cfg, task, d1, d2, eval_ex, device, estimator=estimator, fw_solver=fw_solver,
+                      metrics=metrics, callback=callback)
+    try:
+        if resume_from is not None:
+            state = trainer.load_checkpoint(resume_from)
+        else:
+            metrics.write("start", iteration=0, config=cfg.to_dict(), splits=info["splits"],
+                          model=info["model"], total_iterations=trainer.total_iterations,
+                          device=str(device))
+        state = trainer.train(state, checkpoint_path=ckpt_path,
+                              progress=cfg.progress if progress is None else progress)
+        # artefacts
+        adapter_dir = os.path.join(out, "adapter")
+        if hasattr(debora, "save_pretrained"):
+            debora.save_pretrained(model, adapter_dir)
+        else:  # pragma: no cover - while debora.io is missing
+            warnings.warn("debora.save_pretrained is not available: adapter not saved")
+        if cfg.export_peft:
+            debora.export_peft(model, os.path.join(out, "peft"))
+        hist = state.history
+        counts = trainer.counts()
+        summary = {
+            "model": info["model"], "dataset": cfg.dataset, "task": task, "splits": info["splits"],
+            "iterations": state.iteration, "estimator": trainer.estimator_name, "fw": cfg.fw,
+            "fw_step": cfg.fw_step, "budget": cfg.budget, "basis": cfg.basis, "tau": cfg.tau,
+            "eps": cfg.eps, "init_rank": cfg.init_rank, "preset": cfg.preset,
+            "eval_acc_start": hist.get("eval_start", {}).get("eval_acc"),
+            "eval_loss_start": hist.get("eval_start", {}).get("eval_loss", float("nan")),
+            "eval_acc_end": hist.get("eval_end", {}).get("eval_acc"),
+            "eval_loss_end": hist.get("eval_end", {}).get("eval_loss", float("nan")),
+            "eval_acc_best": hist.get("eval_best", {}).get("eval_acc"),
+            "trainable_start": hist.get("counts_start", {}).get("trainable"),
+            "trainable_end": counts["trainable"],
+            "adapter_start": hist.get("counts_start", {}).get("adapter"), "adapter_end": counts["adapter"],
+            "lower_params_end": counts["lower"],
+            "ranks_start": hist.get("ranks_start"), "ranks_end": debora.rank_pattern(model),
+            "rank_start": sum((hist.get("ranks_start") or {}).values()),
+            "rank_end": sum(debora.rank_pattern(model).values()),
+            "fw_gap_end": _maybe_float(state.last_gap), "nonfinite_skipped": state.skipped_lower + state.skipped_upper,
+            "wall_time_s": time.perf_counter() - t_start, "train_time_s": state.elapsed,
+            "device": str(device), "output_dir": out,
+        }
+        metrics.write("end", iteration=state.iteration, **{k: v for k, v in summary.items()
+                                                           if k not in ("ranks_start", "ranks_end")})
+    finally:
+        metrics.close()
+    summary["table"] = summary_mod.write(summary, out)
+    if cfg.plots:
+        from .plots import make_plots
+        summary["plots"] = make_plots(metrics_path, out)
+    return TrainResult(summary=summary, model=model, state=state, trainer=trainer, output_dir=out)

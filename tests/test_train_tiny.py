@@ -1,0 +1,92 @@
+"""Helpers for the trainer tests: a tiny random BERT + tokenizer saved locally, and a tiny sentiment csv.
+
+Also checks the helpers themselves (loadable through the trainer's model/data code).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import random
+
+import pytest
+import torch
+
+POS = ["good", "great", "fine", "nice", "love", "superb", "fun"]
+NEG = ["bad", "awful", "poor", "hate", "worst", "dull", "boring"]
+FILL = ["the", "a", "movie", "film", "plot", "actor", "was", "is", "and", "it", "this", "very", "so"]
+
+
+def make_tiny_model(path: str, num_labels: int = 2) -> str:
+    """A 2-layer BERT (hidden 32) with random weights and a word-level tokenizer, saved at ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    os.makedirs(path, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POS + NEG + FILL
+    ids = {w: i for i, w in enumerate(vocab)}
+    core = Tokenizer(models.WordLevel(ids, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_dataset(path: str, n: int = 240, seed: int = 0, text_col: str = "sentence",
+                 label_col: str = "sentiment") -> str:
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([text_col, label_col])
+        for i in range(n):
+            y = i % 2
+            words = [rng.choice(FILL) for _ in range(rng.randint(3, 7))]
+            words.insert(rng.randint(0, len(words)), rng.choice(POS if y else NEG))
+            w.writerow([" ".join(words), "pos" if y else "neg"])
+    return path
+
+
+def tiny_config(tmp_path, **overrides):
+    from debora.train import TrainConfig
+    model_dir = str(tmp_path / "tiny_bert")
+    if not os.path.isdir(model_dir):
+        make_tiny_model(model_dir)
+    data = str(tmp_path / "data.csv")
+    if not os.path.isfile(data):
+        make_dataset(data)
+    values = dict(model=model_dir, dataset=data, text_column="sentence", label_column="sentiment",
+                  init_rank=4, tau=4.0, eps=1e-3, lr=3e-2, epochs=10.0, batch_size=16, max_length=16,
+                  eval_every=5, output_dir=str(tmp_path / "run"), progress=False, plots=False,
+                  truncate_from=5, seed=0, device="cpu")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded (and the test machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_helpers_load(tmp_path):
+    from debora.train.data import load_text, tokenize
+    from debora.train.models import default_targets, load_text_model
+    cfg = tiny_config(tmp_path)
+    raw = load_text(cfg)
+    assert len(raw) == 240 and raw.label_names == ["neg", "pos"]
+    tok, model, _ = load_text_model(cfg.model, 2)
+    ex = tokenize(raw, tok, 16)
+    assert len(ex) == 240 and ex.features[0]["input_ids"][0] == tok.cls_token_id
+    targets = default_targets(model, "text")
+    assert len(targets) == 2 * 6 and all("classifier" not in t and "pooler" not in t for t in targets)
