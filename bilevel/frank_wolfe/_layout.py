@@ -61,6 +61,14 @@ class Layout:
         exists[self.a0:] = self.has_origin
         self.atom_exists = exists
 
+    def per_coord(self, v: torch.Tensor) -> torch.Tensor:
+        """(B,) -> broadcastable against (dim,) (no gather for a single block)."""
+        return v if self.B == 1 else v[self.block_id]
+
+    def per_atom(self, v: torch.Tensor) -> torch.Tensor:
+        """(B,) -> broadcastable against (n_atoms,)."""
+        return v if self.B == 1 else v[self.atom_block]
+
     # ---- segment reductions over blocks ------------------------------------------------------
     def seg_sum(self, v: torch.Tensor) -> torch.Tensor:
         """(dim,) -> (B,): sum over each block."""
@@ -87,6 +95,13 @@ class Layout:
         return m, i
 
     def seg_max(self, v: torch.Tensor):
+        """Like seg_min for the maximum."""
+        if self.B == 1:
+            m, i = v.max(0)
+            return m.reshape(1), i.reshape(1)
+        if self.uniform is not None:
+            m, i = v.view(self.B, self.uniform).max(1)
+            return m, i + self.starts
         m, i = self.seg_min(-v)
         return -m, i
 

@@ -70,9 +70,10 @@ class FeasibleSet:
         return self.layout(dtype, device).offset.clone()
 
     # ---- LMO -------------------------------------------------------------------------------------
-    def _fw_vertex(self, g: torch.Tensor, L: Layout):
+    def _fw_vertex(self, g: torch.Tensor, L: Layout, sp: Optional[torch.Tensor] = None):
         """Per block: (score min_v <g, v - o_b>, atom index, coordinate, value of v - o_b at it)."""
-        sp = L.scale_c * g
+        if sp is None:
+            sp = L.scale_c * g
         mp, ip = L.seg_min(sp)
         inf = torch.full_like(mp, _INF)
         if L.any_sym:
@@ -193,7 +194,7 @@ class FeasibleSet:
         low = torch.where(L.sym_c, torch.zeros_like(rel), rel) < -ct
         if bool(low.any()):
             i = int(torch.nonzero(low)[0])
-            return (f"{name}[{i}] = {x[i].item():.17g} is below its floor {L.offset[i].item():.17g}"
+            return (f"{name}[{i}] = {x[i].item()!r} is below its floor {L.offset[i].item()!r}"
                     f"{self._floor_name()}")
         mass = L.seg_sum(torch.where(L.sym_c, rel.abs(), rel))
         over = mass > L.scale + bt
@@ -212,15 +213,15 @@ class FeasibleSet:
         where = f"block {b} (coordinates {s}..{s + n - 1}) of " if L.B > 1 else ""
         tau = float(L.scale[b])
         if bool(self._symmetric[b]):
-            return f"||{name}||_1 over {where}{self!r} is {mass:.17g} > radius {tau:.17g}"
+            return f"||{name}||_1 over {where}{self!r} is {mass!r} > radius {tau!r}"
         if not bool(self._has_origin[b]):
-            return f"sum of {name} over {where}{self!r} is {mass + float(L.offset[s:s+n].sum()):.17g}, must be {tau:.17g}"
+            return f"sum of {name} over {where}{self!r} is {mass + float(L.offset[s:s+n].sum())!r}, must be {tau!r}"
         if n == 1:
-            return (f"{name}[{s}] = {x[s].item():.17g} is above its upper bound "
-                    f"{float(L.offset[s]) + tau:.17g} in {self!r}")
+            return (f"{name}[{s}] = {x[s].item()!r} is above its upper bound "
+                    f"{float(L.offset[s]) + tau!r} in {self!r}")
         budget = tau + float(L.offset[s:s + n].sum())
-        return (f"sum of {name} over {where}{self!r} is {mass + budget - tau:.17g} > tau + dim*eps = "
-                f"{budget:.17g}")
+        return (f"sum of {name} over {where}{self!r} is {mass + budget - tau!r} > tau + dim*eps = "
+                f"{budget!r}")
 
     def contains(self, x: torch.Tensor, atol: Optional[float] = None) -> bool:
         """Whether x is in S up to ``atol`` (default: 64 ulp relative to the set's scale)."""

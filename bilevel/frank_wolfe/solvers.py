@@ -104,28 +104,26 @@ class _FrankWolfe:
             check_finite("grad", g, "; the state is unchanged (check the hypergradient estimate)")
         L = S._L(x)
         dim, B, mode = L.dim, L.B, self.mode
+        per_c = L.per_coord                            # (B,) -> broadcastable over coordinates
         zeros_B = x.new_zeros(B)
         xr = x - L.offset
-        sp = L.scale_c * g                              # <g, v - o_b> for plus atoms
+        sp = L.scale_c * g                              # <g, v - o_b> for the plus atoms
 
         # FW vertex (LMO), per block
-        fw_score, z_atom, z_coord, z_val = S._fw_vertex(g, L)
+        fw_score, z_atom, z_coord, z_val = S._fw_vertex(g, L, sp)
         gx = L.seg_sum(g * xr)                          # <g, x - o_b>
         gap_fw = (gx - fw_score).clamp_min(0)
-        zr = torch.zeros_like(x).scatter_(0, z_coord, z_val)
-        d_fw = zr - xr
 
         if mode == "vanilla":
             use_fw = torch.ones(B, dtype=torch.bool, device=x.device)
-            gap_away = None
-            d = d_fw
+            gap_away = lam = y_atom = None
             gd = -gap_fw
             gamma_max = torch.ones_like(gap_fw)
-            lam = y_atom = None
+            # d = z - x = (z - o) - (x - o)
+            d = torch.zeros_like(x).scatter_(0, z_coord, z_val) - xr
         else:
             # away vertex: the active atom (weight > 0) with the largest <g, v>
-            wp = w[:dim]
-            Mp, jp = L.seg_max(torch.where(wp > 0, sp, -torch.inf))
+            Mp, jp = L.seg_max(torch.where(w[:dim] > 0, sp, -torch.inf))
             if L.any_sym:
                 Mm, jm = L.seg_max(torch.where(w[dim:L.a0] > 0, -sp, -torch.inf))
             else:
@@ -140,22 +138,25 @@ class _FrankWolfe:
             y_val = torch.where(y_origin, zeros_B, torch.where(y_plus, L.scale, -L.scale))
             lam = w[y_atom]
             gap_away = (away_score - gx).clamp_min(0)
-            yr = torch.zeros_like(x).scatter_(0, y_coord, y_val)
             if mode == "away":
                 if self.blockwise or B == 1:
                     use_fw = gap_fw >= gap_away
                 else:
                     use_fw = (gap_fw.sum() >= gap_away.sum()).expand(B)
-                d = torch.where(use_fw[L.block_id], d_fw, xr - yr)
                 gd = torch.where(use_fw, -gap_fw, -gap_away)
                 one = torch.ones_like(lam)
                 gamma_max = torch.where(use_fw, one,
                                         torch.where(lam < 1, lam / torch.where(lam < 1, 1 - lam, one), torch.inf))
-            else:  # pairwise
+                # FW block: d = (z - o) - (x - o);  away block: d = (x - o) - (y - o)
+                sign = torch.where(use_fw, -one, one)
+                e = torch.zeros_like(x).scatter_(0, torch.where(use_fw, z_coord, y_coord),
+                                                 torch.where(use_fw, z_val, -y_val))
+                d = per_c(sign) * xr + e
+            else:  # pairwise: d = z - y
                 use_fw = torch.zeros(B, dtype=torch.bool, device=x.device)
-                d = zr - yr
                 gd = -(gap_fw + gap_away)
                 gamma_max = lam
+                d = torch.zeros_like(x).scatter_(0, z_coord, z_val).index_add_(0, y_coord, -y_val)
         dn2 = L.seg_sum(d * d)
 
         gap = gap_fw.sum()
@@ -180,17 +181,20 @@ class _FrankWolfe:
             add_z = torch.where(use_fw, gamma, zeros_B)
             sub_y = torch.where(use_fw, zeros_B, gamma)
         else:
-            factor, add_z, sub_y = torch.ones_like(gamma), gamma, gamma
-        w_new = w * factor[L.atom_block]
+            factor, add_z, sub_y = None, gamma, gamma
+        w_new = w * L.per_atom(factor) if factor is not None else w.clone()
         w_new.index_add_(0, z_atom, add_z)
         if sub_y is not None:
             w_new.index_add_(0, y_atom, -sub_y)
-            drop = ~use_fw & (gamma > 0) & ((gamma >= gamma_max) | (w_new[y_atom] <= 0))
-            w_new.scatter_(0, y_atom, torch.where(drop, zeros_B, w_new[y_atom]))
+            wy = w_new[y_atom]
+            # drop step: gamma hit gamma_max, the away vertex's weight is exactly 0 and it leaves the
+            # active set (clamping also catches -1e-17 rounding just below gamma_max)
+            drop = ~use_fw & (gamma > 0) & ((gamma >= gamma_max) | (wy <= 0)) & (y_atom != z_atom)
+            w_new.scatter_(0, y_atom, torch.where(drop, zeros_B, wy.clamp_min(0)))
         else:
             drop = torch.zeros(B, dtype=torch.bool, device=x.device)
-        w_new.clamp_(min=0)
-        w_new = w_new / L.block_weight_sums(w_new)[L.atom_block]
+        # factors are >= 0 and y was clamped: all weights are >= 0 here
+        w_new = w_new / L.per_atom(L.block_weight_sums(w_new))
         x_new = L.combine(w_new)
 
         moved = gamma > 0
@@ -203,9 +207,8 @@ class _FrankWolfe:
 
         new_state = FWState(x=x_new, set=S, weights=w_new, n=state.n + 1, rule_state=rule_state)
         info = FWInfo(gap=gap, away_gap=None if gap_away is None else gap_away.sum(), block_gaps=gap_fw,
-                      kinds=kinds, step_size=gamma, gamma_max=gamma_max,
-                      active_set_size=(w_new > 0).sum(), stationary=stationary, n_evals=n_evals,
-                      lipschitz=getattr(rule_state, "lipschitz", None))
+                      kinds=kinds, step_size=gamma, gamma_max=gamma_max, stationary=stationary,
+                      n_evals=n_evals, lipschitz=getattr(rule_state, "lipschitz", None), weights=w_new)
         return x_new, new_state, info
 
     # ---- truncation ------------------------------------------------------------------------------
@@ -266,8 +269,8 @@ class _FrankWolfe:
         bad = (~keep_cpu) & (dev > tol)
         if bool(bad.any()):
             i = int(torch.nonzero(bad)[0])
-            raise ValueError(f"coordinate {i} is not at its floor: x[{i}] = {x[i].item():.17g}, floor "
-                             f"{L.offset[i].item():.17g}, |x - floor| = {dev[i].item():.3g} > atol = "
+            raise ValueError(f"coordinate {i} is not at its floor: x[{i}] = {x[i].item()!r}, floor "
+                             f"{L.offset[i].item()!r}, |x - floor| = {dev[i].item():.3g} > atol = "
                              f"{tol[i].item():.3g}; its vertex still carries weight. Remove only coordinates "
                              f"selected by opt.at_floor(state) (or pass a larger atol)")
         keep = keep_cpu.to(x.device)

@@ -5,7 +5,7 @@ tensors of the old one, so a caller may keep (and resume from) any earlier state
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
@@ -64,10 +64,10 @@ class FWInfo:
     step_size  -- (B,) step size gamma taken in each block (0 where nothing moved)
     gamma_max  -- (B,) maximal step of the chosen direction (1 for FW, lambda/(1-lambda) for away,
                   lambda for pairwise)
-    active_set_size -- 0-dim tensor, number of atoms with positive weight after the step
     stationary -- 0-dim bool tensor, True when gap <= p_tilde (gap_tol): x was left unchanged
     n_evals    -- objective evaluations spent by the step rule (Armijo / backtracking)
     lipschitz  -- the Lipschitz estimate M used (0-dim tensor) or None
+    active_set_size -- (property) 0-dim tensor, number of atoms with positive weight after the step
     """
 
     gap: torch.Tensor
@@ -76,10 +76,15 @@ class FWInfo:
     kinds: torch.Tensor
     step_size: torch.Tensor
     gamma_max: torch.Tensor
-    active_set_size: torch.Tensor
     stationary: torch.Tensor
     n_evals: int = 0
     lipschitz: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = field(default=None, repr=False)   # the new barycentric weights
+
+    @property
+    def active_set_size(self) -> torch.Tensor:
+        """Number of atoms with positive weight after the step (0-dim tensor, computed on access)."""
+        return (self.weights > 0).sum()
 
     @property
     def kind(self) -> str:
