@@ -303,7 +303,11 @@ class _FrankWolfe:
         parts.append(w0[block_kept])
         w_new = torch.cat(parts)
         w_new = w_new * L_new.atom_exists
-        w_new = w_new / L_new.block_weight_sums(w_new)[L_new.atom_block]
+        # blocks with an origin vertex kept their total weight (removed weight moved to v_0): leave them
+        # bit-for-bit alone so that x on the kept coordinates is unchanged; renormalise the others
+        sums = L_new.block_weight_sums(w_new)
+        sums = torch.where(L_new.has_origin, torch.ones_like(sums), sums)
+        w_new = w_new / sums[L_new.atom_block]
         x_new = L_new.combine(w_new)
         return FWState(x=x_new, set=S_new, weights=w_new, n=state.n,
                        rule_state=self.rule.restrict(state.rule_state, keep))
