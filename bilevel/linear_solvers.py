@@ -55,9 +55,9 @@ def _checked_matvec(matvec: MatVec, like: Tree) -> MatVec:
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num / den``, and 0 where ``den == 0`` (CG on a zero residual must not produce NaN)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)),
-                       torch.zeros_like(num))
+    """``num / den`` for ``num, den ≥ 0`` with ``0/0 = 0``: in CG, ``pᵀHp = 0`` or ``‖r‖² = 0`` only when
+    the residual is exactly zero, and then the update must be 0, not NaN (one kernel, no sync)."""
+    return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
 def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: float = 1e-10,
@@ -103,7 +103,7 @@ def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: 
         nmv += 1
         alpha = _safe_div(rs, pt.dot(p, Hp))
         x = pt.axpy(alpha, p, x)
-        r = pt.axpy(-alpha, Hp, r)
+        r = pt.axpy(alpha, Hp, r, sign=-1.0)
         rs_new = pt.dot(r, r)
         p = pt.axpy(_safe_div(rs_new, rs), p, r)
         rs = rs_new

@@ -68,12 +68,19 @@ def scale(alpha, a: Tree) -> Tree:
     return dict(zip(keys, torch._foreach_mul(_vals(a, keys), alpha)))
 
 
-def axpy(alpha, x: Tree, y: Tree) -> Tree:
-    """``alpha * x + y`` (one fused multi-tensor op per call; ``alpha`` a number or 0-dim tensor)."""
+def axpy(alpha, x: Tree, y: Tree, sign: float = 1.0) -> Tree:
+    """``y + sign · alpha · x`` in one kernel per leaf (``addcmul``; ``alpha`` a number or a 0-dim
+    tensor kept on the device, so no host sync)."""
     keys = list(y)
+    if len(keys) == 1:
+        (k,) = keys
+        if isinstance(alpha, (int, float)):
+            return {k: torch.add(y[k], x[k], alpha=sign * alpha)}
+        return {k: torch.addcmul(y[k], x[k], alpha, value=sign)}
     if isinstance(alpha, (int, float)):
-        return dict(zip(keys, torch._foreach_add(_vals(y, keys), _vals(x, keys), alpha=alpha)))
-    return dict(zip(keys, torch._foreach_add(_vals(y, keys), torch._foreach_mul(_vals(x, keys), alpha))))
+        return dict(zip(keys, torch._foreach_add(_vals(y, keys), _vals(x, keys), alpha=sign * alpha)))
+    scaled = torch._foreach_mul(_vals(x, keys), alpha if sign == 1.0 else sign * alpha)
+    return dict(zip(keys, torch._foreach_add(_vals(y, keys), scaled)))
 
 
 def dot(a: Tree, b: Tree) -> torch.Tensor:
