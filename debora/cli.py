@@ -64,6 +64,7 @@ FLAGS = [
     ("--output-dir", "output_dir", str, "where metrics, summary, plots, adapter and checkpoint go"),
     ("--seed", "seed", int, "random seed"),
     ("--device", "device", str, "auto | cpu | cuda | cuda:N"),
+    ("--threads", "threads", int, "torch CPU threads (default: torch's choice)"),
     ("--bf16", "bf16", str, "auto (on CUDA) | on | off"),
     ("--resume", "resume", str, "checkpoint directory to resume from, or 'auto' (output-dir/checkpoint)"),
 ]

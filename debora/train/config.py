@@ -80,6 +80,7 @@ class TrainConfig:
     # -- run ------------------------------------------------------------------------------------------
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None          # torch CPU threads (None: torch's default)
     bf16: str = "auto"                     # "auto" (on CUDA) | "on" | "off"
     output_dir: str = "runs/debora"
     resume: Optional[str] = None           # checkpoint dir, or "auto" (= output_dir/checkpoint)
@@ -127,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"log_every must be >= 1, got {self.log_every!r}")
         if not (self.epochs > 0):
             raise ValueError(f"epochs must be > 0, got {self.epochs!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None, got {self.threads!r}")
         if self.max_iterations is not None and self.max_iterations < 1:
             raise ValueError(f"max_iterations must be >= 1 or None, got {self.max_iterations!r}")
         if self.max_examples is not None and self.max_examples < 2:

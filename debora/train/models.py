@@ -46,6 +46,7 @@ def load_text_model(name: Optional[str], num_labels: int):
                          "hub name (e.g. microsoft/deberta-v3-base)")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
@@ -55,6 +56,7 @@ def load_text_model(name: Optional[str], num_labels: int):
                          "the packaged default work") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -116,6 +116,8 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
     """Run dEBORA training as configured; returns the summary, the trained model and the final state."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = os.path.abspath(cfg.output_dir)
     os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "checkpoint")
