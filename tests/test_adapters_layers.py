@@ -121,6 +121,7 @@ def test_truncation_error_bounded_by_removed_terms():
     kept, removed = report["0"]
     assert removed.tolist() == [1, 4] and kept.tolist() == [0, 2, 3, 5]
     assert layer.s is not old_s and layer.rank == 4 and layer.U.shape == (8, 4)
+    assert layer.V.stride() == (1, 8) and layer.U.is_contiguous()        # input basis column-major
     assert n_before - sum(p.numel() for p in model.parameters()) == 2 * (1 + 8 + 8)
     h_after = layer(x).detach()
     # exactly the removed rank-one terms disappear

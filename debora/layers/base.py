@@ -8,6 +8,9 @@ Parameters of an adapter layer (names are part of the public contract):
   lower level (bases + modules_to_save).
 * bases      — ``U`` ``[out, r]`` and ``V`` ``[in, r]`` for matrix layers; ``A`` ``[out, r]``,
   ``B`` ``[in, r]``, ``C`` ``[kh, r]``, ``D`` ``[kw, r]`` for CP conv layers (``requires_grad=True``).
+  Input-side bases (``V``, ``B``, ``C``, ``D``) are stored column-major (strides ``(1, n)``) for
+  faster BLAS calls; truncation and loading keep that layout. Call ``.contiguous()`` if you need
+  row-major storage.
 * ``base``   — the wrapped layer, frozen.
 
 ``scaling = alpha / r0`` is fixed at injection: truncation lowers r without rescaling.
@@ -33,6 +36,7 @@ class AdapterLayer(nn.Module):
     """Base class: ``base`` layer + ``s`` + bases; subclasses define the bases and the forward."""
 
     basis_names: Sequence[str] = ()
+    colmajor_names: Sequence[str] = ()
 
     def __init__(self, base: nn.Module, basis: str, scaling: float):
         super().__init__()
@@ -61,12 +65,21 @@ class AdapterLayer(nn.Module):
         return self.base.weight
 
     # -- construction -----------------------------------------------------------------------------
+    def _layout(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """Bases that multiply the *input* (``V``; ``B``, ``C``, ``D``) are stored column-major
+        (shape ``[n, r]``, strides ``(1, n)``, i.e. the storage of an ``[r, n]`` matrix, like LoRA's
+        ``lora_A``). The BLAS calls of the forward and backward then hit the fast layouts (measured
+        ~1.3-1.6x faster on CPU for the first projection); shapes and values are unaffected."""
+        if name in self.colmajor_names:
+            return t.transpose(0, 1).contiguous().transpose(0, 1)
+        return t.contiguous()
+
     def _set_params(self, s: torch.Tensor, bases: Dict[str, torch.Tensor]) -> None:
         """Install (new) Parameter objects for s and the bases."""
         w = self.weight_ref
         self.s = nn.Parameter(s.to(device=w.device, dtype=w.dtype).contiguous(), requires_grad=False)
         for n in self.basis_names:
-            t = bases[n].to(device=w.device, dtype=w.dtype).contiguous()
+            t = self._layout(n, bases[n].to(device=w.device, dtype=w.dtype))
             setattr(self, n, nn.Parameter(t, requires_grad=True))
 
     def empty_(self, r: int) -> None:
@@ -138,7 +151,8 @@ class AdapterLayer(nn.Module):
         self.s = nn.Parameter(self.s.index_select(0, idx).clone(), requires_grad=self.s.requires_grad)
         for n in self.basis_names:
             p = getattr(self, n)
-            setattr(self, n, nn.Parameter(p.index_select(1, idx).clone(), requires_grad=p.requires_grad))
+            setattr(self, n, nn.Parameter(self._layout(n, p.index_select(1, idx)).clone(),
+                                          requires_grad=p.requires_grad))
 
     @torch.no_grad()
     def merged_base(self) -> nn.Module:

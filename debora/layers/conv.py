@@ -34,6 +34,7 @@ class CPConv2dAdapter(AdapterLayer):
     """dEBORA CP adapter around an ``nn.Conv2d`` (``groups == 1``, zero padding)."""
 
     basis_names = ("A", "B", "C", "D")
+    colmajor_names = ("B", "C", "D")
 
     def __init__(self, base: nn.Conv2d, basis: str, scaling: float, name: str = "conv"):
         if not isinstance(base, nn.Conv2d):
@@ -91,6 +92,7 @@ class CPConv2dAdapter(AdapterLayer):
         r = self.s.shape[0]
         if r == 0:
             return out
+        # B, C, D are stored column-major, so these transposes are free (no copy)
         h = F.conv2d(x, self.B.transpose(0, 1).contiguous()[:, :, None, None])
         h = F.conv2d(h, self.C.transpose(0, 1).contiguous()[:, None, :, None], groups=r, **self._h)
         h = F.conv2d(h, self.D.transpose(0, 1).contiguous()[:, None, None, :], groups=r, **self._w)

@@ -25,6 +25,7 @@ class MatrixAdapter(AdapterLayer):
     """dEBORA adapter around an ``nn.Linear`` or ``Conv1D``."""
 
     basis_names = ("U", "V")
+    colmajor_names = ("V",)
 
     def __init__(self, base: nn.Module, basis: str, scaling: float):
         super().__init__(base, basis, scaling)
