@@ -182,7 +182,7 @@ class FeasibleSet:
         """Per coordinate and per block absolute tolerances (relative to the scale of the data)."""
         r = default_atol(x.dtype) if atol is None else float(atol)
         coord_tol = r * (L.offset.abs() + L.scale_c) if atol is None else torch.full_like(x, r)
-        block_tol = r * (L.scale + L.seg_sum((x - L.offset).abs())) if atol is None else \
+        block_tol = r * (L.scale + L.seg_sum((x - L.offset).abs() + L.offset.abs())) if atol is None else \
             torch.full_like(L.scale, r)
         return coord_tol, block_tol
 

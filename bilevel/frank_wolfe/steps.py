@@ -130,7 +130,8 @@ class ShortStep(StepRule):
             M = torch.maximum(self.decrease * M, est)
         gamma = torch.where(M > 0, _short(ctx.gd, ctx.dnorm2, M.clamp_min(torch.finfo(M.dtype).tiny)),
                             ctx.gamma_max)
-        return gamma, ShortStepState(M, ctx.x, ctx.grad), 0
+        # keep a private copy of g: callers often reuse their gradient buffers in place
+        return gamma, ShortStepState(M, ctx.x, ctx.grad.clone()), 0
 
     def _backtrack(self, ctx, rs, f):
         """Adaptive M (Pedregosa, Negiar, Askari & Jaggi 2020, Algorithm 2)."""
