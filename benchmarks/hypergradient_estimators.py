@@ -79,7 +79,7 @@ def ridge_case() -> Case:
 
 # -- timing ---------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], torch.Tensor], repeats: int):
-    fn()  # warm-up
+    fn(), fn()  # warm-up
     times, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -88,9 +88,15 @@ def timed(fn: Callable[[], torch.Tensor], repeats: int):
     return out, min(times)
 
 
-def paired(ours: Callable, theirs: Callable, repeats: int):
-    """Alternate the two calls ``repeats`` times; return ``(out_a, t_a, out_b, t_b)`` (min times)."""
-    ours(), theirs()
+def paired(ours: Callable, theirs: Callable, repeats: int, min_seconds: float = 0.2):
+    """Alternate the two calls (at least ``repeats`` times and ``min_seconds`` each, at most 200
+    times); return ``(out_a, t_a, out_b, t_b)`` with the minimum times."""
+    for _ in range(2):
+        ours(), theirs()
+    t0 = time.perf_counter()
+    ours()
+    first = time.perf_counter() - t0
+    repeats = min(200, max(repeats, int(min_seconds / max(first, 1e-6))))
     ta, tb = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
