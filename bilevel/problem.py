@@ -91,6 +91,13 @@ class BilevelProblem:
         return LowerOperators(self, x, y, batch, hvp_mode)
 
     # -- validation -------------------------------------------------------------------------------
+    def needs_validation(self, x: Tree, y: Tree) -> bool:
+        """True the first time, and whenever the structure of x or y changed since the last check."""
+        try:
+            return not self._checked or self._signature != (pt.signature(x), pt.signature(y))
+        except AttributeError:  # not dicts of tensors: validate() will say so
+            return True
+
     def validate(self, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any) -> None:
         """Check the pytrees, that both losses are scalars, and that ``g`` depends on every tensor of
         ``y`` (else ``∂²_yy g`` is singular).

@@ -312,3 +312,22 @@ def test_batch_stream_feeds_estimators_and_validation_does_not_lose_a_batch():
     est(q.problem(), x, y, None, Spy())
     # validation draws batch 0 and hands it on: 3 Hessian factors + 1 mixed product use 0, 1, 2, 3
     assert seen == [0, 1, 2, 3]
+
+
+def test_revalidates_with_a_real_batch_after_the_structure_changes():
+    # After a truncation y's shapes change: validation must run again, on a drawn batch (not None).
+    q, x, y = _quad()
+    calls = []
+
+    def lower(x_, y_, batch):
+        calls.append(batch)
+        if batch is None:
+            raise AssertionError("lower loss evaluated without a batch")
+        return 0.5 * sum((t ** 2).sum() for t in y_.values()) + sum((t.sum() * x_["x0"].sum()) for t in y_.values())
+
+    p = bilevel.BilevelProblem(lambda x_, y_, b: sum(t.sum() for t in y_.values()), lower)
+    est = bilevel.estimators.get("cg")
+    est(p, x, y, None, bilevel.BatchStream([1]))
+    shrunk = {k: v[:-1] for k, v in y.items()}
+    res = est(p, x, shrunk, None, bilevel.BatchStream([2]))
+    assert all(b is not None for b in calls) and res.grad["x0"].shape == x["x0"].shape

@@ -79,13 +79,13 @@ class Estimator:
                  lower_batch: Any) -> HypergradResult:
         if not isinstance(problem, BilevelProblem):
             raise TypeError(f"problem must be a bilevel.BilevelProblem, got {type(problem).__name__}")
-        if not problem._checked:
+        if problem.needs_validation(x, y):
             first = draw(lower_batch)
             problem.validate(x, y, upper_batch, first)
             if is_batch_iterator(lower_batch):
                 lower_batch = _Prepend(first, lower_batch)
         else:
-            problem.validate(x, y, upper_batch, None)
+            problem.validate(x, y, upper_batch, None)   # cheap: key checks only
         t0 = time.perf_counter()
         grad, info = self.estimate(problem, x, y, upper_batch, lower_batch)
         _sync(grad)

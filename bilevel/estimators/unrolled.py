@@ -3,7 +3,14 @@
 Starting from ``y_0 = y`` (treated as independent of x), run ``y_{t+1} = y_t + u(∂_y g(x, y_t), state_t)``
 with a differentiable torchopt optimizer and return ``d f(x, y_k) / dx`` by reverse mode through all
 steps. With SGD (step η) started at y*(x) this equals the k-term Neumann estimator; in general its
-error decays like the inner contraction ``(1 − ημ)^k``.
+error decays like the inner contraction ``(1 − ημ)^k``. Reverse mode through k steps costs k
+Hessian-vector and k mixed products and keeps all k steps' graphs in memory.
+
+Adam/AdamW caveat: at (or very near) a stationary point the linearisation of an Adam step is an SGD
+step of size ``lr / (√eps_root + eps)`` (the first moment is linear in the gradient, the second is
+quadratic), so unrolling Adam from y ≈ y*(x) explodes unless ``eps_root`` (torchopt's term inside the
+square root) is of the order of the squared gradient scale; pass e.g. ``eps_root=1e-4``. SGD is the
+safe choice for hypergradients.
 """
 from __future__ import annotations
 
@@ -53,6 +60,6 @@ class Unrolled(Estimator):
             value = problem.f(x_req, y_t, upper_batch)
             grads = torch.autograd.grad(value, [x_req[k] for k in x], allow_unused=True)
         grad = {k: (g_ if g_ is not None else torch.zeros_like(x[k])).detach() for k, g_ in zip(x, grads)}
-        return grad, EstimatorInfo(iterations=self.steps, hvp_count=self.steps,
+        return grad, EstimatorInfo(iterations=self.steps, hvp_count=self.steps, mixed_count=self.steps,
                                    upper_value=value.detach(),
                                    extra={"y_final": {k: v.detach() for k, v in y_t.items()}})
