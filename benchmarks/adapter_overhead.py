@@ -120,6 +120,19 @@ def branch_fns(model, n_tokens, device):
     return lambda: [f() for f in fns]
 
 
+def _ranked_layers(model):
+    """(in_features, out_features, rank) of every low-rank branch (ours or PEFT)."""
+    import debora
+    from peft.tuners.lora import LoraLayer
+
+    for mod in model.modules():
+        if isinstance(mod, debora.AdapterLayer):
+            yield mod.in_features, mod.out_features, mod.rank
+        elif isinstance(mod, LoraLayer) and "default" in getattr(mod, "lora_A", {}):
+            a = mod.lora_A["default"]
+            yield a.in_features, mod.lora_B["default"].out_features, a.out_features
+
+
 def peak_memory(fn, model, device) -> int:
     zero(model)
     if device.type == "cuda":
@@ -170,7 +183,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=32.0)
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per variant (after 1 warm-up)")
+    ap.add_argument("--reps", type=int, default=4, help="timed repetitions per variant (after 1 warm-up)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: CPU-time measurement is then robust to other "
@@ -224,6 +237,8 @@ def main(argv=None):
             mem[name] = peak_memory(runs[name], models[name], device)
 
     counts = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, m in models.items()}
+    tokens = args.batch * args.seq
+    flops = {k: sum(2 * tokens * r * (i + o) for i, o, r in _ranked_layers(m)) for k, m in models.items()}
     cmd = "HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python " + " ".join(
         ["benchmarks/adapter_overhead.py"] + (argv if argv is not None else sys.argv[1:]))
     mem_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else \
@@ -235,15 +250,17 @@ def main(argv=None):
           f"time = best of {args.reps} reps, "
           f"{'wall clock' if clock is time.perf_counter else 'process CPU time'}. Memory: {mem_kind}.\n")
     print("| variant | rank | trainable params | fwd+bwd time (s) | time ratio vs PEFT | peak memory (MiB) "
-          "| memory ratio vs PEFT | low-rank branches only, fwd+bwd (ms) | branch ratio vs PEFT |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| memory ratio vs PEFT | low-rank branches only, fwd+bwd (ms) | branch ratio vs PEFT "
+          "| branch forward GFLOP |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, label, rank in (("peft", "PEFT LoRA", args.rank), ("ours", "dEBORA", args.rank),
                               ("ours_half", "dEBORA truncated", r2)):
         m = mem.get(name)
         mcol = f"{m / 2**20:.1f}" if m else "-"
         mrat = f"{m / mem['peft']:.3f}" if m else "-"
         print(f"| {label} | {rank} | {counts[name]:,} | {med[name]:.3f} | {med[name] / med['peft']:.3f} "
-              f"| {mcol} | {mrat} | {1e3 * bmin[name]:.1f} | {bmin[name] / bmin['peft']:.3f} |")
+              f"| {mcol} | {mrat} | {1e3 * bmin[name]:.1f} | {bmin[name] / bmin['peft']:.3f} "
+              f"| {flops[name] / 1e9:.2f} |")
     print("\n| quantity | value | target | met |")
     print("|---|---|---|---|")
     checks = [("time ratio dEBORA / PEFT (rank %d)" % args.rank, med["ours"] / med["peft"], "≤ 1.10",
