@@ -84,6 +84,9 @@ def test_truncation_then_convergence_to_the_restricted_optimum():
     for _ in range(50):
         _, new, info = opt.step(new.x - c[alive], new)
     assert torch.allclose(new.x, S.project(c)[alive], atol=1e-12)
+    # equivalently, a caller that truncated on its own restarts on the smaller set
+    fresh = opt.init(new.x, feasible_set=fw.FlooredSimplex(3, 1.0, 0.01))
+    assert torch.equal(fresh.x, new.x) and fresh.set.dim == 3
 
 
 def test_truncation_spanning_blocks_with_uneven_sizes_and_secant_rule_state():

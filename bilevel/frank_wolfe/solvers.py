@@ -70,11 +70,17 @@ class _FrankWolfe:
                 f"blockwise={self.blockwise})")
 
     # ---- init ------------------------------------------------------------------------------------
-    def init(self, x0: torch.Tensor, atol: Optional[float] = None) -> FWState:
-        """State at a feasible x0 (1-D floating tensor).  x0 may violate S by at most ``atol`` (default
-        64 ulp relative to the set's scale); it is then snapped onto S through its barycentric weights.
-        Raises ValueError naming the violated constraint otherwise."""
-        S = self.set
+    def init(self, x0: torch.Tensor, atol: Optional[float] = None,
+             feasible_set: Optional[FeasibleSet] = None) -> FWState:
+        """State at a feasible x0 (1-D floating tensor; the state lives on its dtype and device).
+
+        x0 may violate S by at most ``atol`` (default 64 ulp relative to the set's scale); it is then
+        snapped onto S through its barycentric weights.  Raises ValueError naming the violated
+        constraint otherwise.  ``feasible_set`` starts on another set than the constructor's (e.g.
+        after the caller truncated on its own); by default the constructor's set."""
+        S = self.set if feasible_set is None else feasible_set
+        if not isinstance(S, FeasibleSet):
+            raise TypeError(f"feasible_set must be a FeasibleSet, got {type(S).__name__}")
         x0 = check_vector("x0", x0, S.dim)
         check_finite("x0", x0)
         msg = S.feasibility_error(x0, atol, name="x0")
