@@ -122,6 +122,10 @@ def test_truncation_refuses_coordinates_above_the_floor_and_emptied_blocks():
         o = fw.AwayStepFW(S)
         o.remove_coordinates(o.init(torch.zeros(2, dtype=F64)), torch.tensor([0, 1]))
     assert torch.equal(state.x, snap[0]) and torch.equal(state.weights, snap[1])
+    # the same rule on the sets themselves
+    with pytest.raises(ValueError, match=r"would empty block 1"):
+        P.remove_coordinates(torch.tensor([3, 4]))
+    assert [b.dim for b in P.remove_coordinates(torch.tensor([0, 4])).blocks] == [2, 1]
     # a tiny leftover weight within atol moves to the floor vertex v_0; x stays exactly as it was
     x = torch.tensor([0.51, 0.01 + 1e-13, 0.01, 0.01, 0.01], dtype=F64)
     st2 = opt.init(x)

@@ -266,9 +266,31 @@ class FeasibleSet:
 
     # ---- truncation ------------------------------------------------------------------------------
     def remove_coordinates(self, idx) -> "FeasibleSet":
-        """The set restricted to the remaining coordinates (x_i fixed at its floor for removed i)."""
+        """The set restricted to the remaining coordinates (x_i fixed at its floor for removed i).
+
+        Refuses to empty a block (see ``AwayStepFW.remove_coordinates``); a Box may lose any but not
+        all of its coordinates."""
         keep = self._keep_mask(idx)
+        self._check_keep(keep)
         return self._restrict(keep)
+
+    def _check_keep(self, keep: torch.Tensor) -> None:
+        """ValueError if ``keep`` (CPU bool mask) removes every coordinate, or every coordinate of a block
+        that cannot disappear (all but Box's one-coordinate intervals)."""
+        if not bool(keep.any()):
+            raise ValueError(f"cannot remove all {self.dim} coordinates of {self!r}; keep at least one")
+        sizes = torch.tensor(self._sizes, dtype=torch.long)
+        block_id = torch.repeat_interleave(torch.arange(len(self._sizes)), sizes)
+        kept = torch.zeros(len(self._sizes), dtype=torch.long).index_add_(0, block_id, keep.long())
+        emptied = (kept == 0) & ~self._removable
+        if bool(emptied.any()):
+            b = int(torch.nonzero(emptied)[0])
+            s = int(sizes[:b].sum())
+            removed = torch.nonzero(~keep).flatten()
+            shown = removed.tolist() if removed.numel() <= 10 else f"{removed.numel()} coordinates"
+            raise ValueError(f"removing {shown} would empty block {b} (coordinates {s}..{s + self._sizes[b] - 1}) "
+                             f"of {self!r}; a block must keep at least one coordinate -- keep its largest "
+                             f"entry, or rebuild the set without that block")
 
     def _keep_mask(self, idx) -> torch.Tensor:
         idx = torch.as_tensor(idx).reshape(-1) if not isinstance(idx, torch.Tensor) else idx

@@ -35,7 +35,6 @@ needs to compare objective values (Armijo, adaptive ShortStep).  ``info.gap`` is
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
@@ -254,19 +253,9 @@ class _FrankWolfe:
         removed = torch.nonzero(~keep_cpu).flatten()
         if removed.numel() == 0:
             return state
+        S._check_keep(keep_cpu)
         L = S._L(x)
-        if not bool(keep_cpu.any()):
-            raise ValueError(f"cannot remove all {S.dim} coordinates of {S!r}; keep at least one")
-        kept_per_block = torch.zeros(L.B, dtype=torch.long).index_add_(
-            0, L.block_id.cpu(), keep_cpu.long())
-        emptied = (kept_per_block == 0) & ~S._removable
-        if bool(emptied.any()):
-            b = int(torch.nonzero(emptied)[0])
-            s = int(L.starts[b])
-            raise ValueError(f"removing {removed.tolist() if removed.numel() <= 10 else removed.numel()} "
-                             f"would empty block {b} (coordinates {s}..{s + L.sizes[b] - 1}) of {S!r}; a block "
-                             f"must keep at least one coordinate -- keep its largest entry, or rebuild the set "
-                             f"without that block")
+        kept_per_block = torch.zeros(L.B, dtype=torch.long).index_add_(0, L.block_id.cpu(), keep_cpu.long())
         dev = (x - L.offset).abs().cpu()
         if atol is None:
             tol = default_atol(x.dtype) * (L.offset.abs() + L.scale_c).cpu()
