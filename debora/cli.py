@@ -70,6 +70,23 @@ FLAGS = [
 ]
 LIST_FIELDS = ("target_modules", "modules_to_save")
 
+EXAMPLES = """examples:
+  # the offline demo: packaged MiniLM on the packaged Rotten Tomatoes snippets
+  debora train --preset default --output-dir runs/demo
+
+  # images: packaged EfficientNet-Lite0 on Fashion-MNIST with CP conv adapters
+  debora train --preset default --dataset fashion-mnist --image-size 32 --max-examples 3000 \\
+      --max-eval-examples 2000 --epochs 2 --output-dir runs/fmnist
+
+  # network + GPU: DeBERTa-v3-base on GLUE with the paper's settings (one task per run)
+  debora train --preset paper --model microsoft/deberta-v3-base --dataset glue --dataset-config sst2 \\
+      --max-length 128 --batch-size 32 --epochs 3 --output-dir runs/sst2
+  (--dataset-config: cola, sst2, mrpc, qqp, mnli, qnli, rte; sentence pairs are detected)
+
+  # your own csv
+  debora train --dataset reviews.csv --text-column review --label-column stars --tau 8
+"""
+
 
 def _split_list(value: str):
     if value is None:
@@ -84,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     tr = sub.add_parser("train", help="fine-tune a model with dEBORA adapters",
                         description="Fine-tune with dEBORA (paper §4): lower level AdamW on the bases and "
-                                    "head, upper level away-step Frank-Wolfe on the rank weights s.")
+                                    "head, upper level away-step Frank-Wolfe on the rank weights s.",
+                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig values")
     tr.add_argument("--preset", help="named preset: paper | default")
     for flag, dest, typ, help_ in FLAGS:

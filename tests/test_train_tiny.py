@@ -90,3 +90,38 @@ def test_tiny_helpers_load(tmp_path):
     assert len(ex) == 240 and ex.features[0]["input_ids"][0] == tok.cls_token_id
     targets = default_targets(model, "text")
     assert len(targets) == 2 * 6 and all("classifier" not in t and "pooler" not in t for t in targets)
+
+
+def test_column_guessing_and_pairs(tmp_path):
+    import json
+    from debora.train import TrainConfig
+    from debora.train.data import load_text
+    rows = [{"question": f"q{i}", "sentence": f"s{i}", "label": i % 2} for i in range(6)]
+    path = tmp_path / "qnli.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    raw = load_text(TrainConfig(dataset=str(path)))
+    assert raw.texts[0] == "q0" and raw.pairs[0] == "s0" and list(raw.labels) == [0, 1, 0, 1, 0, 1]
+    raw = load_text(TrainConfig(dataset=str(path), text_column="sentence"))
+    assert raw.texts[0] == "s0" and raw.pairs is None
+
+
+def test_fashion_mnist_reader(tmp_path, monkeypatch):
+    import gzip
+    import numpy as np
+    from debora.train import TrainConfig
+    from debora.train.data import collate, image_examples, load_images
+
+    def idx(path, arr):
+        header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        with gzip.open(path, "wb") as fh:
+            fh.write(header + arr.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 8)):
+        idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    raw = load_images(TrainConfig(dataset="fashion-mnist"))
+    assert raw.images.shape == (20, 28, 28) and len(raw.eval) == 8 and raw.labels[13] == 3
+    batch = collate(image_examples(raw), [0, 5, 7], image_size=40)
+    assert batch["pixel_values"].shape == (3, 3, 40, 40) and batch["labels"].tolist() == [0, 5, 7]

@@ -137,10 +137,14 @@ def _encode_labels(values: Sequence[Any], source: str, names: Optional[List[str]
 def _from_table(table, cfg, source: str, label_names: Optional[List[str]] = None) -> RawData:
     """``table``: a ``datasets.Dataset``."""
     cols = list(table.column_names)
-    tcol = _guess(cols, cfg.text_column, TEXT_GUESSES, "text", source, "--text-column")
     pcol = cfg.text_pair_column
-    if pcol is None and cfg.text_column is None and tcol in PAIR_GUESSES and PAIR_GUESSES[tcol] in cols:
-        pcol = PAIR_GUESSES[tcol]
+    guessed_pair = None
+    if cfg.text_column is None and pcol is None:   # sentence-pair tasks (GLUE MNLI, QNLI, QQP, RTE, MRPC)
+        guessed_pair = next(((a, b) for a, b in PAIR_GUESSES.items() if a in cols and b in cols), None)
+    if guessed_pair is not None:
+        tcol, pcol = guessed_pair
+    else:
+        tcol = _guess(cols, cfg.text_column, TEXT_GUESSES, "text", source, "--text-column")
     if pcol is not None and pcol not in cols:
         raise ValueError(f"dataset {source!r} has no column {pcol!r} (text pair); columns: {cols}")
     lcol = _guess(cols, cfg.label_column, LABEL_GUESSES, "label", source, "--label-column")
@@ -282,7 +286,7 @@ def tokenize(raw: RawData, tokenizer, max_length: int) -> Examples:
 
 def image_examples(raw: RawData) -> Examples:
     return Examples(labels=torch.as_tensor(raw.labels, dtype=torch.long),
-                    images=torch.as_tensor(np.ascontiguousarray(raw.images)))
+                    images=torch.from_numpy(np.array(raw.images, dtype=np.uint8, copy=True)))
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

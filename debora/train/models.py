@@ -89,7 +89,11 @@ def default_targets(model: nn.Module, task: str) -> List[str]:
                                                             or ".layers." in name or ".h." in name):
             out.append(name)
         elif task == "image" and isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":
-            out.append(name)
+            # Conv2d subclasses with their own forward (e.g. EfficientNet's static "same" padding) pad
+            # the input before the convolution; the CP adapter path would not: keep only plain Conv2d
+            # and 1×1 / stride-1 ones (where padding is the identity)
+            if type(m) is nn.Conv2d or (tuple(m.kernel_size) == (1, 1) and tuple(m.stride) == (1, 1)):
+                out.append(name)
     if not out:
         raise ValueError("found no layer to adapt automatically; pass --target-modules")
     return out
