@@ -15,7 +15,11 @@ is an implicit-function-theorem solve) with `linear_solve.solve_cg`, `solve_norm
 Times are the minimum over repeats (robust to other processes on a shared machine) of one full
 hypergradient evaluation (∂f, the solve, the mixed product), with torch.set_num_threads(1); ours and
 torchopt's calls alternate, so that both see the same machine load. "ours/torchopt" is the time
-ratio at the same budget, where the errors agree (printed side by side).
+ratio at the same budget, where the errors agree (printed side by side). "products" counts Hessian-vector plus mixed products
+(torchopt's CG spends one extra on b − A·x0 with x0 = 0; unrolling k steps costs k of each; for
+stochastic-neumann it is the mean over draws). With a deterministic lower batch, the randomness of
+stochastic-neumann is its truncation level K alone: one draw is ηN(I − ηH)^K ∂_y f, whose spread
+is the price of its unbiasedness for the N-term series.
 """
 from __future__ import annotations
 
@@ -222,7 +226,7 @@ def bench_case(case: Case, repeats: int, draws: int) -> List[Dict]:
 
 
 def fmt_rows(rows: List[Dict]) -> str:
-    out = ["| problem | method | budget | rel. error | HVPs | time [ms] | ours/torchopt |",
+    out = ["| problem | method | budget | rel. error | products | time [ms] | ours/torchopt |",
            "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
