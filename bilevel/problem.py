@@ -18,9 +18,9 @@ function theorem, where ``∂²_yy g`` is invertible,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
