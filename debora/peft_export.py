@@ -10,8 +10,9 @@ Per layer ``l`` of rank ``r_l`` (``rank_pattern``) with LoRA scale ``alpha_l / r
 * Conv2d (CP): PEFT's LoRA conv is ``lora_A`` = a kh×kw conv in → r followed by a 1×1 conv r → out;
   the CP adapter is exported exactly with ``lora_A[i] = b_i ⊗ c_i ⊗ d_i`` and ``lora_B = A diag(s)``.
   This is exact but not compact: r(in·kh·kw + out) numbers instead of r(in + out + kh + kw).
-  **Not exportable** (``ValueError``): CP adapters on *dilated* convs (PEFT's LoRA conv ignores the base
-  layer's dilation).
+  **Not exportable** (``ValueError``): CP adapters on *dilated* convs and on ``nn.Conv2d`` subclasses
+  that pad in their own forward (EfficientNet's TF-style "same" convs): PEFT's LoRA conv ignores the
+  base layer's dilation and that padding, so PEFT's outputs would differ.
 * Oblique / Stiefel bases: the base weight was folded (``W0 − ΔW0``), but PEFT loads onto the original
   ``W0``; the exported adapter is ``ΔW − ΔW0`` of rank ``r + r0`` (the initial factors appended with a
   minus sign), so outputs still agree.
@@ -61,10 +62,13 @@ def export_peft(model: nn.Module, path: str) -> Dict[str, object]:
 
     get_config(model)
     layers = adapter_layers(model)
-    bad = [n for n, l in layers.items() if isinstance(l, CPConv2dAdapter) and l.base.dilation != (1, 1)]
+    bad = [n for n, l in layers.items() if isinstance(l, CPConv2dAdapter)
+           and (tuple(l.base.dilation) != (1, 1) or l.mode != "factorised")]
     if bad:
-        raise ValueError(f"cannot export CP adapters on dilated convolutions {bad} to PEFT LoRA (PEFT's "
-                         "LoRA conv ignores dilation); merge them with debora.merge_and_unload instead")
+        raise ValueError(f"cannot export the CP adapters of {bad} to PEFT LoRA: PEFT's LoRA conv ignores "
+                         "the base layer's dilation and any padding done in a Conv2d subclass's own "
+                         "forward (TF-style 'same'), so its outputs would differ. Use "
+                         "debora.save_pretrained, or debora.merge_and_unload, for these models")
     tensors, ranks, alphas, targets, skipped = {}, {}, {}, [], []
     transposed = False
     for name, layer in layers.items():

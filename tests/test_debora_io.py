@@ -172,7 +172,7 @@ def test_export_peft_cp_conv_and_dilated_refused(tmp_path):
     assert (model(x) - theirs).abs().max() <= 1e-5
     dil = nn.Sequential(nn.Conv2d(3, 4, 3, dilation=2))
     debora.inject(dil, debora.DeboraConfig(target_modules=["0"], init_rank=2))
-    with pytest.raises(ValueError, match="dilated"):
+    with pytest.raises(ValueError, match="dilation"):
         debora.export_peft(dil, str(tmp_path / "dil"))
 
 

@@ -124,9 +124,8 @@ class AdapterLayer(nn.Module):
             factors[first] = factors[first] * (self.s.detach() * self.scaling)
         for n, t in factors.items():
             self.register_buffer(n + "0", t.to(self.weight_ref).contiguous())
-        one = torch.ones(factors[self.basis_names[0]].shape[1], dtype=self.weight_ref.dtype,
-                         device=self.weight_ref.device)
-        self.weight_ref.sub_(self._delta_from(one, factors, 1.0))
+        # computed from the stored (contiguous) buffers, exactly as after loading: bit-exact round trip
+        self.weight_ref.sub_(self.unfold_delta())
         self.folded = True
 
     @torch.no_grad()

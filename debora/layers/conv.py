@@ -15,6 +15,12 @@ This equals the dense convolution with kernel ΔK (zero padding, strides and dil
 two spatial axes; ``padding="same"`` too, since PyTorch pads each axis independently).
 Parameters ``r(out + in + kh + kw)`` instead of LoRA's ``r(out + in·kh·kw)``.
 
+``nn.Conv2d`` subclasses with their own ``forward`` (TF-style "same" padding, e.g. EfficientNet's
+``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding``): when the layer has a ``static_padding``
+module, the factorised branch runs on ``static_padding(x)``; any other subclass falls back to one
+convolution through the subclass's own forward with the merged kernel ``W + ΔK`` (exact, and as
+cheap in the forward pass as the base conv, but the backward computes a dense kernel gradient).
+
 Refused (``ValueError``): grouped / depthwise convolutions (``groups > 1``: a CP factor over the
 grouped kernel would need one r-channel bottleneck per group) and ``padding_mode`` other than
 ``"zeros"``. Exclude such layers with a ``target_modules`` regex.
@@ -26,6 +32,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .base import AdapterLayer
 
@@ -56,6 +63,10 @@ class CPConv2dAdapter(AdapterLayer):
             ph, pw = (base.padding[0], 0), (0, base.padding[1])
         self._h = dict(stride=(sh, 1), padding=ph, dilation=(dh, 1))
         self._w = dict(stride=(1, sw), padding=pw, dilation=(1, dw))
+        self.mode = "factorised"
+        if type(base).forward is not nn.Conv2d.forward:
+            pad = getattr(base, "static_padding", None)
+            self.mode = "static_padding" if isinstance(pad, nn.Module) else "merged_kernel"
 
     @property
     def basis_kinds(self):
@@ -88,10 +99,14 @@ class CPConv2dAdapter(AdapterLayer):
         return torch.einsum("i,oi,ci,pi,qi->ocpq", s * scaling, f["A"], f["B"], f["C"], f["D"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         r = self.s.shape[0]
+        if r > 0 and self.mode == "merged_kernel":
+            return functional_call(self.base, {"weight": self.base.weight + self.delta_weight()}, (x,))
+        out = self.base(x)
         if r == 0:
             return out
+        if self.mode == "static_padding":
+            x = self.base.static_padding(x)
         # B, C, D are stored column-major, so these transposes are free (no copy)
         h = F.conv2d(x, self.B.transpose(0, 1).contiguous()[:, :, None, None])
         h = F.conv2d(h, self.C.transpose(0, 1).contiguous()[:, None, :, None], groups=r, **self._h)
