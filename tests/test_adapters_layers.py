@@ -231,3 +231,20 @@ def test_conv2d_subclasses_with_own_padding(cls, mode, pad):
     out = layer(x).sum()
     out.backward()
     assert all(getattr(layer, b).grad is not None for b in layer.basis_names)
+
+
+def test_refold_restores_a_checkpointed_oblique_layer():
+    torch.manual_seed(0)
+    make = lambda seed: _wrap(nn.Linear(6, 5).to(D).requires_grad_(False), 3, "oblique", seed=seed)
+    torch.manual_seed(0)
+    a = make(1)
+    torch.manual_seed(0)
+    b = make(2)                      # same base weights, another random ΔW0 folded in
+    x = torch.randn(4, 6, dtype=D)
+    with torch.no_grad():
+        a.U.add_(0.1)
+        for n in ("s", "U", "V"):
+            getattr(b, n).copy_(getattr(a, n))
+    assert (a(x) - b(x)).abs().max() > 1e-3
+    b.refold_(a.init_factors())
+    torch.testing.assert_close(b(x), a(x), rtol=1e-12, atol=1e-12)

@@ -129,6 +129,15 @@ class AdapterLayer(nn.Module):
         self.folded = True
 
     @torch.no_grad()
+    def refold_(self, factors: Dict[str, torch.Tensor]) -> None:
+        """Replace the folded ΔW0 by the one of ``factors`` (``{"U": U0, "V": V0}`` / ``A``..``D``, as
+        returned by :meth:`init_factors`). Use it when restoring a checkpoint of an oblique/Stiefel
+        model into a freshly injected one whose random ΔW0 differs (``W ← W + ΔW0_old − ΔW0_new``)."""
+        if self.folded:
+            self.weight_ref.add_(self.unfold_delta())
+        self.fold_init_(factors)
+
+    @torch.no_grad()
     def unfold_delta(self) -> torch.Tensor:
         """ΔW0 that was folded into the base weight (zeros if none)."""
         f = self.init_factors()
