@@ -230,7 +230,7 @@ def fmt_rows(rows: List[Dict]) -> str:
            "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        out.append(f"| {r['case']} | {r['method']} | {r['budget']} | {r['err']:.2e} | {r['hvp']:g} | "
+        out.append(f"| {r['case']} | {r['method']} | {r['budget']} | {r['err']:.2e} | {r['hvp']:.0f} | "
                    f"{1e3 * r['t']:.2f} | {ratio} |")
     return "\n".join(out)
 
