@@ -33,8 +33,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Side-by-side benchmarks (scripts, not tests); each prints a markdown table with its command.
 bench: $(STAMP)
 	$(PY) benchmarks/hypergradient_estimators.py
+	$(PY) benchmarks/frank_wolfe.py
+	$(PY) benchmarks/adapter_overhead.py
+	$(PY) benchmarks/finetune_compare.py
 
 clean:
 	rm -rf .venv runs *.egg-info
