@@ -71,7 +71,7 @@ def inject(model: nn.Module, cfg: DeboraConfig) -> nn.Module:
         sample = ", ".join(names[:12]) + (" …" if len(names) > 12 else "")
         raise ValueError(f"no module of the model matches target_modules={cfg.target_modules!r}. "
                          f"Module names look like: {sample}")
-    # nested matches (a container and its child): keep the leaves; containers raise below
+    # every match must be a supported layer (a matched container raises a TypeError naming it)
     adapters = {}
     for n in targets:
         adapters[n] = make_adapter(n, model.get_submodule(n), cfg.basis, cfg.scaling)
