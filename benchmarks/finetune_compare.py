@@ -162,7 +162,7 @@ def _fmt(values, pct=False, digits=1):
     scale = 100.0 if pct else 1.0
     m = statistics.mean(values) * scale
     s = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+    return f"{m:,.{digits}f} ± {s:,.{digits}f}"
 
 
 def main(argv=None) -> int:

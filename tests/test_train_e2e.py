@@ -78,8 +78,12 @@ def test_per_layer_budget_feasible_and_other_estimator(tmp_path):
         seen.append([v.detach().clone() for v in debora.upper_parameters(trainer.model).values()])
 
     cfg = tiny_config(tmp_path, budget="per_layer", tau=1.0, estimator="first-order",
-                      max_iterations=8, fw_step="open-loop")
-    train(cfg, callback=cb)
+                      max_iterations=8, fw_step="open-loop", grad_accum=2, inner_steps=2)
+    res = train(cfg, callback=cb)
+    # 8 iterations x 2 lower steps x 2 micro-batches of 16 over |D2| = 96: 5 epochs + 2 batches
+    assert len(res.trainer.d2) == 96
+    assert (res.state.d2.epoch, res.state.d2.offset) == (5, 32)
+    assert (res.state.d1.epoch, res.state.d1.offset) == (2, 64)   # 8 x 2 micro-batches over |D1| = 96
     assert len(seen) == 8
     for blocks in seen:
         assert _feasible(torch.cat(blocks), cfg.tau, cfg.eps, blocks=blocks)
