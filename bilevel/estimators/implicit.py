@@ -24,16 +24,49 @@ class ImplicitEstimator(HvpModeOption, Estimator):
     def solve(self, matvec, b: Tree, ops=None):  # -> (v, SolveInfo)
         raise NotImplementedError
 
+    #: Tikhonov damping λ ≥ 0: solve (∂²_yy g + λI) v = ∂_y f. For non-convex or rank-deficient lower
+    #: levels (e.g. low-rank factorisations, whose scaling symmetry makes ∂²_yy g singular) λ > 0
+    #: keeps the solve well posed at the price of a bias O(λ‖v‖). Set as a keyword of every subclass.
+    damping: float = 0.0
+
+    def _set_damping(self, damping: float) -> None:
+        if not isinstance(damping, (int, float)) or damping < 0:
+            raise ValueError(f"damping must be a number >= 0 (Tikhonov λ in (H + λI)v = b), got {damping!r}")
+        self.damping = float(damping)
+
     def estimate(self, problem: BilevelProblem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any):
         gx, gy, value = problem.upper_grads(x, y, upper_batch)
         ops = problem.operators(x, y, draw(lower_batch), hvp_mode=self.hvp_mode)
-        v, sinfo = self.solve(ops.hvp, gy, ops)
+        lam = self.damping
+        if lam > 0:
+            def matvec(v: Tree) -> Tree:
+                return pt.axpy(lam, v, ops.hvp(v))
+
+            def batched(V: Tree) -> Tree:
+                HV = ops.hvp_batched(V)
+                return {k: HV[k] + lam * V[k] for k in HV}
+            ops_for_solve = _DampedOps(batched)
+        else:
+            matvec, ops_for_solve = ops.hvp, ops
+        v, sinfo = self.solve(matvec, gy, ops_for_solve)
         mixed = ops.mixed(v)
         grad = {k: gx[k] - mixed[k] for k in gx}
         info = EstimatorInfo(hvp_count=max(ops.hvp_count, sinfo.matvecs), mixed_count=ops.mixed_count,
                              iterations=sinfo.iterations, residual=sinfo.residual,
                              residual_history=sinfo.residual_history, upper_value=value)
+        if getattr(sinfo, "min_curvature", None) is not None:
+            info.extra["min_curvature"] = sinfo.min_curvature
+            info.extra["negative_curvature"] = sinfo.negative_curvature
+        if lam > 0:
+            info.extra["damping"] = lam
         return grad, info
+
+
+class _DampedOps:
+    """Stands in for :class:`LowerOperators` inside ``solve`` when damping is on (batched products only)."""
+
+    def __init__(self, hvp_batched):
+        self.hvp_batched = hvp_batched
 
 
 class Exact(ImplicitEstimator):
@@ -41,8 +74,9 @@ class Exact(ImplicitEstimator):
 
     name = "exact"
 
-    def __init__(self, max_dim: int = 20000, hvp_mode: str = "auto"):
+    def __init__(self, max_dim: int = 20000, hvp_mode: str = "auto", damping: float = 0.0):
         self.max_dim, self.hvp_mode = max_dim, hvp_mode
+        self._set_damping(damping)
 
     def solve(self, matvec, b, ops=None):
         return ls.dense_solve(matvec, b, max_dim=self.max_dim,
@@ -65,7 +99,8 @@ class ConjugateGradient(ImplicitEstimator):
     name = "cg"
 
     def __init__(self, tol: float = 1e-10, maxiter: int = 100, warm_start: bool = False,
-                 hvp_mode: str = "auto", check_every: int = 1):
+                 hvp_mode: str = "auto", check_every: int = 1, damping: float = 0.0):
+        self._set_damping(damping)
         if not isinstance(maxiter, int) or maxiter < 0:
             raise ValueError(f"maxiter must be an integer >= 0, got {maxiter!r}")
         if tol < 0:
@@ -89,7 +124,8 @@ class Neumann(ImplicitEstimator):
 
     name = "neumann"
 
-    def __init__(self, eta: float = 0.1, terms: int = 20, hvp_mode: str = "auto"):
+    def __init__(self, eta: float = 0.1, terms: int = 20, hvp_mode: str = "auto", damping: float = 0.0):
+        self._set_damping(damping)
         if not isinstance(terms, int):
             raise ValueError(f"terms must be an integer >= 1, got {terms!r}")
         if eta <= 0:
@@ -108,7 +144,9 @@ class FixedPoint(ImplicitEstimator):
     name = "fixed-point"
 
     def __init__(self, eta: float = 0.1, tol: float = 1e-8, maxiter: int = 1000,
-                 warm_start: bool = False, hvp_mode: str = "auto", check_every: int = 1):
+                 warm_start: bool = False, hvp_mode: str = "auto", check_every: int = 1,
+                 damping: float = 0.0):
+        self._set_damping(damping)
         if eta <= 0:
             raise ValueError(f"eta must be > 0 (and ≤ 1/λ_max of the lower Hessian), got {eta!r}")
         self.eta, self.tol, self.maxiter, self.warm_start, self.hvp_mode = eta, tol, maxiter, warm_start, hvp_mode
