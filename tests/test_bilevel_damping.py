@@ -4,7 +4,15 @@ import torch
 
 import bilevel
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """float64 for this module only (restored after each test, so no other test sees it)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _problem(H, B, c):
