@@ -117,7 +117,7 @@ class AdapterProblem:
                  head: Dict[str, torch.Tensor], forward: Callable, loss: Callable, D1: Batch, D2: Batch,
                  basis: str = "euclidean", tau: float = 1.0, eps: float = 1e-3,
                  weight_decay: float = 1e-2, gauge: float = 1.0, s0: Optional[torch.Tensor] = None,
-                 init_scale: float = 0.3, seed: int = 0, description: str = "",
+                 init_scale: float = 1.0, seed: int = 0, description: str = "",
                  restricted: str = ""):
         if basis not in BASES:
             raise ValueError(f"basis={basis!r} is not one of {BASES}")
@@ -134,7 +134,8 @@ class AdapterProblem:
         y: Dict[str, torch.Tensor] = {}
         for l in layers:
             for k, n in enumerate(l.shape):
-                U = torch.randn(n, l.rank, generator=gen, dtype=torch.float64) * init_scale
+                U = torch.randn(n, l.rank, generator=gen, dtype=torch.float64)
+                U = U / U.norm(dim=0, keepdim=True) * init_scale      # columns of norm init_scale
                 if basis != "euclidean":
                     U = retract(U, basis)
                 y[self._key(l, k)] = U.to(self.dtype).to(self.device)

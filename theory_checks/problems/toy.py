@@ -72,7 +72,7 @@ def make_toy(kind: str = "matrix", basis: str = "euclidean", seed: int = 0, n: i
     d = len(shape)
     return AdapterProblem(
         f"toy-{kind}-{basis}", [layer], {"layer": W0}, {}, forward, loss, D1, D2, basis=basis,
-        tau=tau, eps=eps, weight_decay=weight_decay, s0=s0, init_scale=0.5, seed=seed,
+        tau=tau, eps=eps, weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
         description=(f"{'linear' if kind == 'matrix' else '3x3 conv'} layer regression, W0 + Ψ "
                      f"with Ψ of shape {shape} (d={d}), adapter rank r={rank}, target rank "
                      f"{len(target_weights)} (weights {target_weights}), noise σ={noise}, "
@@ -90,3 +90,54 @@ def analytic_K(ap: AdapterProblem) -> float:
     cols = F.unfold(X, kernel_size=W.shape[-2:], padding=1)        # (N, in·kh·kw, L)
     G = torch.einsum("npl,nql->pq", cols, cols) / N
     return float(torch.linalg.eigvalsh(G)[-1])
+
+
+def debora_crosscheck(ap: AdapterProblem, s: torch.Tensor, y) -> dict:
+    """Evaluate the library's ``debora-closed-form`` (Euclidean and Riemannian basis gradients) on a
+    model built with ``debora.inject`` whose base weight, s and bases are set to this problem's
+    point, and compare with this package's own closed form. Returns max abs differences."""
+    import debora
+    import bilevel
+    from torch import nn
+
+    layer = ap.layers[0]
+    W0 = ap.frozen["layer"]
+    if layer.order == 2:
+        base = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
+    else:
+        base = nn.Conv2d(W0.shape[1], W0.shape[0], W0.shape[2:], padding=1, bias=False)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = base
+
+        def forward(self, inp):
+            return self.layer(inp)
+
+    model = Net().to(W0.dtype)
+    cfg = debora.DeboraConfig(target_modules=["layer"], init_rank=layer.rank, alpha=float(layer.rank),
+                              tau=ap.tau, eps=ap.eps, basis=ap.basis, init_seed=0)
+    debora.inject(model, cfg)
+    ad = model.layer
+    facs = ap.factors(y)["layer"]
+    names = ("U", "V") if layer.order == 2 else ("A", "B", "C", "D")
+    with torch.no_grad():
+        ad.base.weight.copy_(W0)
+        ad.s.copy_(s)
+        for n_, f in zip(names, facs):
+            getattr(ad, n_).copy_(f)
+
+    def loss(out, batch):
+        return 0.5 * ((out - batch[1]) ** 2).reshape(out.shape[0], -1).sum(1).mean()
+
+    problem, x, yy = debora.bilevel_problem(model, loss)
+    D1 = (ap.D1["x"], ap.D1["y"])
+    out = {"f1_diff": abs(float(problem.f(x, yy, D1)) - float(ap.upper_loss({"s": s}, y, ap.D1)))}
+    for bg, riem in (("euclidean", False), ("riemannian", True)):
+        lib = bilevel.estimators.get("debora-closed-form", basis_grad=bg)(problem, x, yy, D1, D1).grad
+        lib = next(iter(lib.values())).detach()
+        own = ap.closed_form({"s": s}, y, ap.D1, riemannian=riem)["s"]
+        out[bg] = float((lib - own).abs().max())
+        out[bg + "_scale"] = float(own.abs().max())
+    return out

