@@ -116,6 +116,8 @@ class Trainer:
         self.iterations_per_epoch = max(1, per_epoch)
         total = max(1, math.ceil(cfg.epochs * self.iterations_per_epoch))
         self.total_iterations = min(total, cfg.max_iterations) if cfg.max_iterations else total
+        tf = cfg.truncate_from      # n0: an iteration, or a fraction of the planned iterations
+        self.n0 = (max(1, math.ceil(tf * total)) if isinstance(tf, float) and 0 < tf < 1 else int(tf))
 
     # -- small helpers ----------------------------------------------------------------------------
     def autocast(self):
@@ -453,8 +455,8 @@ class Trainer:
                 state.iteration = n + 1
                 # 7. truncation from n0 on
                 removed = 0
-                if (cfg.truncate_from >= 0 and state.iteration >= cfg.truncate_from
-                        and (state.iteration - cfg.truncate_from) % cfg.truncate_every == 0):
+                if (self.n0 >= 0 and state.iteration >= self.n0
+                        and (state.iteration - self.n0) % cfg.truncate_every == 0):
                     removed = self.truncate(state)
                 last = state.iteration == self.total_iterations
                 if state.iteration % cfg.log_every == 0 or last or removed:

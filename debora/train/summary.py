@@ -29,7 +29,7 @@ def render(summary: Dict[str, Any]) -> str:
         ("adapter parameters: start → end", f"{summary.get('adapter_start'):,} → "
                                             f"{summary.get('adapter_end'):,}"),
         ("total rank: start → end", f"{summary.get('rank_start')} → {summary.get('rank_end')}"),
-        ("final FW gap", summary.get("fw_gap_end")),
+        ("final FW gap", "n/a" if summary.get("fw_gap_end") is None else f"{summary['fw_gap_end']:.3g}"),
         ("skipped non-finite steps", summary.get("nonfinite_skipped")),
         ("wall time", f"{summary.get('wall_time_s', 0):.1f} s"),
         ("device", summary.get("device")),
