@@ -146,3 +146,22 @@ def test_saved_adapter_reloads_with_equal_outputs(base_run):
     reloaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(forward(reloaded, "text", batch), forward(res.model, "text", batch))
+
+
+def test_armijo_pairwise_and_gap_tolerance(tmp_path):
+    seen = []
+
+    def cb(trainer, state, extra):
+        seen.append(torch.cat([v.detach().reshape(-1).clone()
+                               for v in debora.upper_parameters(trainer.model).values()]))
+
+    res = train(tiny_config(tmp_path, fw="pairwise", fw_step="armijo", max_iterations=4), callback=cb)
+    assert len(seen) == 4 and all(_feasible(s, 4.0, 1e-3) for s in seen)
+    # p̃ above any gap: s stays at its initial value and is frozen after the first step
+    seen.clear()
+    res = train(tiny_config(tmp_path, gap_tol=1e6, max_iterations=3, output_dir=str(tmp_path / "frozen")),
+                callback=cb)
+    assert res.state.s_frozen
+    assert all(torch.equal(s, seen[0]) for s in seen)
+    s0 = 1e-3 + 4.0 / (res.state.layout.total + 1)
+    torch.testing.assert_close(seen[0], torch.full_like(seen[0], s0))
