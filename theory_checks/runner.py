@@ -19,13 +19,13 @@ def instances(problem: str, device: str = "cpu", quick: bool = False):
     """(factory, StudyConfig) pairs; factories are called lazily."""
     if problem == "toy":
         from .problems.toy import make_toy
-        cfg = StudyConfig(T_outer=40 if quick else 120, chi_samples=8 if quick else 32,
-                          fd_check=True)
+        cfg = StudyConfig(T_outer=40 if quick else 100, chi_samples=8 if quick else 32,
+                          fd_check=True, ref_every=None, n_checkpoints=12 if quick else 25)
         kinds = [("matrix", "euclidean")] if quick else [
             (k, b) for k in ("matrix", "cp") for b in ("euclidean", "oblique", "stiefel")]
         return [(lambda k=k, b=b: make_toy(k, b), cfg) for k, b in kinds]
     dtype = torch.float64
-    cfg = StudyConfig(T_outer=30, ref_every=None, n_checkpoints=6, chi_samples=12, fd_check=False,
+    cfg = StudyConfig(T_outer=30, ref_every=None, n_checkpoints=5, chi_samples=12, fd_check=False,
                       lbfgs_iter=300, lbfgs_gtol=1e-6, cg_tol=1e-8, cg_maxiter=500, lower_lr=1e-2)
     if problem == "minilm":
         from .problems.minilm import make_minilm

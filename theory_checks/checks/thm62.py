@@ -1,4 +1,5 @@
-"""Check 4 — Theorem 6.2: min_{n<T} gap_n against T (true FW gap with the reference ∇F), the fitted
+"""Check 4 — Theorem 6.2: min_{n<T} gap_n against T (true FW gap with the reference ∇F, taken over the
+reference checkpoints n < T — an upper bound on the min over all n < T), the fitted
 log-log slope with a 95% CI, and the bound sqrt(2Δ²M(F(s0) − F*)/(Tρ(1−η)²)) with measured Δ, M, η
 (ρ = 1: the short step's sufficient decrease −g·d/(2M‖d‖²)·… gives the theorem's constant with ρ = 1)."""
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .base import AdapterProblem, LayerSpec
 
 DEFAULTS = dict(
-    matrix=dict(shape=(10, 8), rank=4, n=512),
+    matrix=dict(shape=(8, 8), rank=4, n=512),
     cp=dict(shape=(6, 4, 3, 3), rank=3, n=384, hw=5),
 )
 
