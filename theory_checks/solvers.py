@@ -31,6 +31,7 @@ class LowerResult:
     grad_norm: float
     iterations: int
     newton_steps: int = 0
+    pd: bool = False          # ∂²_yy g ≻ 0 at the returned point (checked on the Newton path only)
 
 
 def dense_lower_hessian(ap: AdapterProblem, x, y, batch) -> torch.Tensor:
@@ -61,6 +62,12 @@ def converge_lower(ap: AdapterProblem, x, y0, batch=None, gtol: float = 1e-9, ma
     like = pt.detach(y0)
     if max_iter == 0:
         return _newton(ap, x, like, batch, newton_steps, 0)
+    n = pt.numel(like)
+    if (newton is None or newton) and n <= 3000:
+        # warm start: pure Newton first; accepted only at a local minimum (tiny gradient, H ≻ 0)
+        res = _newton(ap, x, like, batch, 6, 0)
+        if res.grad_norm <= 1e-10 and res.pd:
+            return res
     flat = pt.flatten(like).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([flat], lr=1.0, max_iter=max_iter, tolerance_grad=gtol,
                             tolerance_change=1e-16, history_size=50, line_search_fn="strong_wolfe")
@@ -74,7 +81,6 @@ def converge_lower(ap: AdapterProblem, x, y0, batch=None, gtol: float = 1e-9, ma
     opt.step(closure)
     y = ap.retract_y(pt.unflatten(flat.detach(), like))
     iters = opt.state[opt._params[0]].get("n_iter", 0)
-    n = pt.numel(like)
     if newton is None:
         newton = n <= 3000
     if newton:
@@ -83,7 +89,9 @@ def converge_lower(ap: AdapterProblem, x, y0, batch=None, gtol: float = 1e-9, ma
 
 
 def _newton(ap, x, y, batch, newton_steps, iters):
+    """Damped Newton steps with the dense Hessian (backtracking on ‖∂_y g‖)."""
     k = 0
+    pd = False
     if True:
         gnorm = lower_grad_norm(ap, x, y, batch)
         for k in range(1, newton_steps + 1):
@@ -91,6 +99,7 @@ def _newton(ap, x, y, batch, newton_steps, iters):
                 k -= 1
                 break
             H = dense_lower_hessian(ap, x, y, batch)
+            pd = bool(torch.linalg.eigvalsh(H)[0] > 0)
             gy = pt.flatten(grad(ap.lower_loss, argnums=1)(x, y, batch))
             step = torch.linalg.solve(H, gy)
             t = 1.0
@@ -103,7 +112,9 @@ def _newton(ap, x, y, batch, newton_steps, iters):
             else:
                 break
             y, gnorm = ap.retract_y(y_new), gn
-    return LowerResult(y, lower_grad_norm(ap, x, y, batch), int(iters), k)
+    if gnorm < 1e-13 or not pd:
+        pd = bool(torch.linalg.eigvalsh(dense_lower_hessian(ap, x, y, batch))[0] > 0)
+    return LowerResult(y, lower_grad_norm(ap, x, y, batch), int(iters), k, pd)
 
 
 def lower_steps(ap: AdapterProblem, x, y, steps: int, stream, lr: float = 1e-2, state=None,

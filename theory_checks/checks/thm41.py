@@ -35,23 +35,27 @@ def beta_blocks_analytic(ap: AdapterProblem, s, y, batch) -> C.SpectralInfo:
     facs = ap.factors(pt.detach(y))
     ss = ap.split_s(s)
     lo, hi = math.inf, 0.0
+    per_layer = {}
     for l in ap.layers:
         Rl = R[l.name].double()
+        llo, lhi = math.inf, 0.0
         if l.order == 2:
             sv = torch.linalg.svdvals(Rl)
             m, n = Rl.shape
             for i in range(l.rank):
                 c = abs(float(ss[l.name][i])) * l.scale
-                hi = max(hi, c * float(sv[0]))
-                lo = min(lo, 0.0 if m != n else c * float(sv[-1]))
-            continue
-        for i in range(l.rank):
-            H = block_matrix(Rl, [f[:, i].double() for f in facs[l.name]],
-                             float(ss[l.name][i]) * l.scale)
-            ev = torch.linalg.eigvalsh(H).abs()
-            lo, hi = min(lo, float(ev.min())), max(hi, float(ev.max()))
+                lhi = max(lhi, c * float(sv[0]))
+                llo = min(llo, 0.0 if m != n else c * float(sv[-1]))
+        else:
+            for i in range(l.rank):
+                H = block_matrix(Rl, [f[:, i].double() for f in facs[l.name]],
+                                 float(ss[l.name][i]) * l.scale)
+                ev = torch.linalg.eigvalsh(H).abs()
+                llo, lhi = min(llo, float(ev.min())), max(lhi, float(ev.max()))
+        per_layer[l.name] = math.inf if llo <= 1e-12 * max(lhi, 1e-300) else 1.0 / llo
+        lo, hi = min(lo, llo), max(hi, lhi)
     beta = math.inf if lo <= 1e-12 * max(hi, 1e-300) else 1.0 / lo
-    return C.SpectralInfo(beta, "blocks", 0, True, {"min_abs": lo, "max_abs": hi})
+    return C.SpectralInfo(beta, "blocks", 0, True, {"min_abs": lo, "max_abs": hi, "per_layer": per_layer})
 
 
 def block_matrix(R: torch.Tensor, cols, c: float) -> torch.Tensor:
@@ -216,10 +220,13 @@ def run(st: Study):
     cf0 = table["converged"]["closed-form (euclidean)"]
     st.rows.append(row(NAME, ap, "K = ‖∇²L2(Ψ*)‖, β = ‖(∂_Ψ L2·∂²_BΨ)⁻¹‖, ‖G − ∇F‖ (converged)",
                        f"K {fmt(K)}, β {fmt(beta)}, Kβ {fmt(K * beta)}; err {fmt(cf0['abs'])} "
-                       f"(‖∇F‖ {fmt(ref_norm0)})", CR.bound_verdict(cf0["abs"], K, beta), CR.BOUND_TEXT,
+                       f"(‖∇F‖ {fmt(ref_norm0)})" + ("; β per layer " + ", ".join(
+                           f"{k} {fmt(v)}" for k, v in binfo.extra["per_layer"].items())
+                           if "per_layer" in binfo.extra else ""), CR.bound_verdict(cf0["abs"], K, beta), CR.BOUND_TEXT,
                        K=K, K_method=Kinfo.method, K_converged=Kinfo.converged, beta=beta,
                        beta_method=binfo.method, A_min_abs=binfo.extra["min_abs"],
-                       A_max_abs=binfo.extra["max_abs"], err=cf0["abs"], ref_norm=ref_norm0))
+                       A_max_abs=binfo.extra["max_abs"], err=cf0["abs"], ref_norm=ref_norm0,
+                       beta_per_layer=binfo.extra.get("per_layer")))
     names = ["closed-form (euclidean)"] + (["closed-form (riemannian)"] if ap.basis != "euclidean" else [])
     for regime in ("converged", "T_max"):
         for name in names:
