@@ -77,7 +77,8 @@ EXAMPLES = """examples:
 
   # images: packaged EfficientNet-Lite0 on Fashion-MNIST with CP conv adapters
   debora train --preset default --dataset fashion-mnist --image-size 32 --max-examples 3000 \\
-      --max-eval-examples 2000 --epochs 2 --output-dir runs/fmnist
+      --max-eval-examples 2000 --epochs 2 --lr 1e-3 --truncate-from 20 --eval-every 20 \\
+      --output-dir runs/fmnist
 
   # network + GPU: DeBERTa-v3-base on GLUE with the paper's settings (one task per run)
   debora train --preset paper --model microsoft/deberta-v3-base --dataset glue --dataset-config sst2 \\
