@@ -133,8 +133,8 @@ def run_peft(spec) -> dict:
             if hasattr(mod, "lora_E") and "default" in getattr(mod, "lora_E", {}):
                 a = mod.lora_A["default"]
                 kept = None
-                for key, mask in pattern.items():
-                    if name.endswith(key.replace(".lora_E", "").replace("base_model.model.", "")) or key.startswith(name):
+                for key, mask in pattern.items():   # keys: "<module>.lora_E.default"
+                    if name.endswith(key.split(".lora_E")[0].replace("base_model.model.", "")):
                         kept = int(np.sum(mask))
                         break
                 if kept is None:
