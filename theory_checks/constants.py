@@ -294,10 +294,13 @@ def loglog_slope(T: Sequence[float], values: Sequence[float], conf: float = 0.95
     n = len(x)
     if n < 3:
         raise ValueError(f"need at least 3 points for a slope with a confidence interval, got {n}")
+    if np.ptp(yv) == 0.0:      # exactly flat: slope 0 with a degenerate (zero-width) interval
+        return SlopeFit(0.0, float(yv[0]), 0.0, 0.0, n)
     res = stats.linregress(x, yv)
     t = stats.t.ppf(0.5 + conf / 2, n - 2)
-    return SlopeFit(float(res.slope), float(res.intercept), float(res.slope - t * res.stderr),
-                    float(res.slope + t * res.stderr), n)
+    se = float(res.stderr) if np.isfinite(res.stderr) else 0.0
+    return SlopeFit(float(res.slope), float(res.intercept), float(res.slope - t * se),
+                    float(res.slope + t * se), n)
 
 
 def support(s: torch.Tensor, eps: float, rel_tol: float = 1e-3, tau: float = 1.0) -> torch.Tensor:

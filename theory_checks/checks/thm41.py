@@ -220,7 +220,7 @@ def run(st: Study):
     cf0 = table["converged"]["closed-form (euclidean)"]
     st.rows.append(row(NAME, ap, "K = ‖∇²L2(Ψ*)‖, β = ‖(∂_Ψ L2·∂²_BΨ)⁻¹‖, ‖G − ∇F‖ (converged)",
                        f"K {fmt(K)}, β {fmt(beta)}, Kβ {fmt(K * beta)}; err {fmt(cf0['abs'])} "
-                       f"(‖∇F‖ {fmt(ref_norm0)})" + ("; β per layer " + ", ".join(
+                       f"(‖∇F‖ {fmt(ref_norm0)}; Kβ/‖∇F‖ {fmt(K * beta / max(ref_norm0, 1e-300))})" + ("; β per layer " + ", ".join(
                            f"{k} {fmt(v)}" for k, v in binfo.extra["per_layer"].items())
                            if "per_layer" in binfo.extra else ""), CR.bound_verdict(cf0["abs"], K, beta), CR.BOUND_TEXT,
                        K=K, K_method=Kinfo.method, K_converged=Kinfo.converged, beta=beta,
