@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install fashion-mnist bench clean
+.PHONY: demo test install fashion-mnist bench theory clean
 
 $(PY):
 	python3 -m venv .venv
@@ -39,6 +39,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/frank_wolfe.py
 	$(PY) benchmarks/adapter_overhead.py
 	$(PY) benchmarks/finetune_compare.py
+
+# Numerical checks of the paper's assumptions and theorems (about 7.5 min on 2 CPU cores).
+theory: $(STAMP) fashion-mnist
+	$(PY) -m theory_checks --problem all --out runs/theory_checks
 
 clean:
 	rm -rf .venv runs *.egg-info
