@@ -25,8 +25,7 @@ class SolveInfo:
     matvecs: int
     residual: Optional[float] = None          # ‖H v − b‖ / ‖b‖ at exit, where computed
     residual_history: List[float] = field(default_factory=list)
-    min_curvature: Optional[float] = None     # CG: min over k of pₖᵀHpₖ/‖pₖ‖² (≤ 0: H not SPD)
-    negative_curvature: bool = False          # CG stopped (or should have) on pᵀHp ≤ 0
+    negative_curvature: bool = False          # CG met a direction with pᵀHp ≤ 0 (H not SPD)
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
@@ -111,25 +110,21 @@ def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: 
     history: List[torch.Tensor] = []
     threshold2 = (tol * b_norm) ** 2
     it = 0
-    min_curv = None
-    negative = False
+    negative = torch.zeros((), dtype=torch.bool, device=rs.device)
     for it in range(maxiter):
         if record_history:
             history.append(rs)
-        if tol > 0 and it % check_every == 0 and bool(rs <= threshold2):
+        # One host sync per test, shared by the tolerance test and the negative-curvature stop.
+        if tol > 0 and it % check_every == 0 and bool(torch.logical_or(rs <= threshold2, negative)):
             break
         Hp = matvec(p)
         nmv += 1
         pHp = pt.dot(p, Hp)
-        curv = pHp / pt.dot(p, p).clamp_min(_tiny(pHp))
-        min_curv = curv if min_curv is None else torch.minimum(min_curv, curv)
         # Negative curvature: H is not SPD along p (a non-convex or singular lower level). Like
-        # truncated Newton-CG, stop before the step that would move along it; this test shares the
-        # host sync of the tolerance test, so it runs only when tol > 0.
-        if tol > 0 and it % check_every == 0 and bool(pHp <= 0):
-            negative = True
-            break
-        alpha = _safe_div(rs, pHp)
+        # truncated Newton-CG, take no step along it (α = 0, on device) and stop at the next test.
+        bad = pHp <= 0
+        negative = torch.logical_or(negative, bad)
+        alpha = torch.where(bad, torch.zeros_like(pHp), _safe_div(rs, pHp))
         x = pt.axpy(alpha, p, x)
         r = pt.axpy(alpha, Hp, r, sign=-1.0)
         rs_new = pt.dot(r, r)
@@ -145,9 +140,8 @@ def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: 
         rel = hist[-1]
     else:
         hist, rel = [], float(final)
-    mc = None if min_curv is None else float(min_curv)
     return x, SolveInfo(iterations=it, matvecs=nmv, residual=rel, residual_history=hist,
-                        min_curvature=mc, negative_curvature=negative or (mc is not None and mc <= 0))
+                        negative_curvature=negative.item())     # one sync, after the loop
 
 
 def neumann_series(matvec: MatVec, b: Tree, eta: float, terms: int) -> tuple[Tree, SolveInfo]:

@@ -55,7 +55,6 @@ def test_cg_flags_negative_curvature_instead_of_diverging():
     y = {"y": torch.tensor([0.3, -0.2, 0.4, 0.1])}
     res = bilevel.estimators.get("cg", tol=1e-10)(_problem(H, B, c), x, y, None, None)
     assert res.info.extra["negative_curvature"] is True
-    assert res.info.extra["min_curvature"] <= 0
     assert torch.isfinite(res.grad["x"]).all()
     # Damping beyond |λ_min| makes H + λI SPD again: no flag, and the damped system is solved.
     res = bilevel.estimators.get("cg", tol=1e-12, damping=1.5)(_problem(H, B, c), x, y, None, None)

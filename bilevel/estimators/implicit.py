@@ -54,8 +54,7 @@ class ImplicitEstimator(HvpModeOption, Estimator):
         info = EstimatorInfo(hvp_count=max(ops.hvp_count, sinfo.matvecs), mixed_count=ops.mixed_count,
                              iterations=sinfo.iterations, residual=sinfo.residual,
                              residual_history=sinfo.residual_history, upper_value=value)
-        if getattr(sinfo, "min_curvature", None) is not None:
-            info.extra["min_curvature"] = sinfo.min_curvature
+        if isinstance(self, ConjugateGradient):
             info.extra["negative_curvature"] = sinfo.negative_curvature
         if lam > 0:
             info.extra["damping"] = lam
