@@ -47,6 +47,20 @@ class LayerSpec:
         return len(self.shape)
 
 
+def split_halves(data: Dict[str, torch.Tensor], perm: torch.Tensor):
+    """``(D1, D2)``: the first and second half of ``perm`` applied to every tensor of ``data``."""
+    half = perm.numel() // 2
+    return ({k: v[perm[:half]] for k, v in data.items()},
+            {k: v[perm[half:]] for k, v in data.items()})
+
+
+def distinct_s0(n: int, tau: float, eps: float) -> torch.Tensor:
+    """A feasible start with distinct weights ``ε + 0.8 τ w/Σw``, w = (n, …, 1): equal s_i would add a
+    rotation symmetry among components (a singular ∂²_BB g)."""
+    w = torch.arange(n, 0, -1, dtype=torch.float64)
+    return eps + 0.8 * tau * w / w.sum()
+
+
 def multilinear(factors: List[torch.Tensor], s: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``scale · Σ_i s_i ⊗_k factors[k][:, i]`` (any order d)."""
     letters = string.ascii_lowercase[:len(factors)]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .base import AdapterProblem, LayerSpec
+from .base import AdapterProblem, LayerSpec, distinct_s0, split_halves
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SMOOTH_BETA = 10.0
@@ -97,8 +97,7 @@ def make_cnn(n: int = 128, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: 
     perm = torch.randperm(n, generator=g)
     half = n // 2
     data = {"feat": feats.to(**cast), "label": labels.to(device)}
-    D1 = {k: v[perm[:half]] for k, v in data.items()}
-    D2 = {k: v[perm[half:]] for k, v in data.items()}
+    D1, D2 = split_halves(data, perm)
     # the new 10-class head is fitted once on D2 (ΔW = 0, same damping) and then frozen: with it in
     # the lower level (12.8k weights on 64 images) the lower problem did not converge to a local
     # minimum in the CPU budget (negative curvature left), which would void the CG reference
@@ -121,8 +120,8 @@ def make_cnn(n: int = 128, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: 
 
     head = {}
     layers = [LayerSpec(k, tuple(frozen[k].shape), rank, 1.0) for k in ("project", "head_conv")]
-    w = torch.arange(len(layers) * rank, 0, -1, dtype=torch.float64)
-    s0 = eps + 0.8 * tau * w / w.sum()
+
+    s0 = distinct_s0(len(layers) * rank, tau, eps)
     return AdapterProblem(
         f"cnn-{basis}", layers, frozen, head, forward, loss, D1, D2, basis=basis, tau=tau, eps=eps,
         weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,

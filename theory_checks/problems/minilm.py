@@ -18,7 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from .base import AdapterProblem, LayerSpec
+from .base import AdapterProblem, LayerSpec, distinct_s0, split_halves
 
 ADAPTED = {"ffn_out": "encoder.layer.5.output.dense", "pooler": "pooler.dense"}
 
@@ -97,11 +97,10 @@ def make_minilm(n: int = 256, rank: int = 4, seed: int = 0, tau: float = 1.0, ep
     perm = torch.randperm(n, generator=g)
     half = n // 2
     data = {"act": ctx.to(**cast), "res": res.to(**cast), "label": labels.to(device)}
-    D1 = {k: v[perm[:half]] for k, v in data.items()}
-    D2 = {k: v[perm[half:]] for k, v in data.items()}
+    D1, D2 = split_halves(data, perm)
     layers = [LayerSpec(k, tuple(frozen[k].shape), rank, 1.0) for k in ADAPTED]
-    w = torch.arange(len(layers) * rank, 0, -1, dtype=torch.float64)
-    s0 = eps + 0.8 * tau * w / w.sum()
+
+    s0 = distinct_s0(len(layers) * rank, tau, eps)
     return AdapterProblem(
         f"minilm-{basis}", layers, frozen, head, forward, loss, D1, D2, basis=basis, tau=tau, eps=eps,
         weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,

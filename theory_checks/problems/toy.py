@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AdapterProblem, LayerSpec
+from .base import AdapterProblem, LayerSpec, distinct_s0, split_halves
 
 DEFAULTS = dict(
     matrix=dict(shape=(8, 8), rank=4, n=512),
@@ -63,12 +63,9 @@ def make_toy(kind: str = "matrix", basis: str = "euclidean", seed: int = 0, n: i
 
     perm = torch.randperm(n, generator=gen)
     half = n // 2
-    D1 = {"x": X[perm[:half]], "y": Y[perm[:half]]}
-    D2 = {"x": X[perm[half:]], "y": Y[perm[half:]]}
+    D1, D2 = split_halves({"x": X, "y": Y}, perm)
     layer = LayerSpec("layer", tuple(shape), rank, 1.0)
-    # distinct weights: equal s_i would add a rotation symmetry among components (singular ∂²_BB g)
-    w = torch.arange(rank, 0, -1, dtype=torch.float64)
-    s0 = eps + 0.8 * tau * w / w.sum()
+    s0 = distinct_s0(rank, tau, eps)
     d = len(shape)
     return AdapterProblem(
         f"toy-{kind}-{basis}", [layer], {"layer": W0}, {}, forward, loss, D1, D2, basis=basis,
