@@ -25,7 +25,7 @@ class SolveInfo:
     matvecs: int
     residual: Optional[float] = None          # ‖H v − b‖ / ‖b‖ at exit, where computed
     residual_history: List[float] = field(default_factory=list)
-    negative_curvature: bool = False          # CG met a direction with pᵀHp ≤ 0 (H not SPD)
+    negative_curvature: Optional[bool] = None  # CG only: met a direction with pᵀHp ≤ 0 (H not SPD)
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:

@@ -54,7 +54,7 @@ class ImplicitEstimator(HvpModeOption, Estimator):
         info = EstimatorInfo(hvp_count=max(ops.hvp_count, sinfo.matvecs), mixed_count=ops.mixed_count,
                              iterations=sinfo.iterations, residual=sinfo.residual,
                              residual_history=sinfo.residual_history, upper_value=value)
-        if isinstance(self, ConjugateGradient):
+        if sinfo.negative_curvature is not None:      # reported by solvers that can detect it (CG)
             info.extra["negative_curvature"] = sinfo.negative_curvature
         if lam > 0:
             info.extra["damping"] = lam
