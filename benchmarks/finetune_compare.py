@@ -1,19 +1,32 @@
-"""dEBORA vs PEFT LoRA (r=2, r=8) vs PEFT AdaLoRA on packaged text tasks (MiniLM, offline).
+"""Accuracy against trainable parameters: dEBORA vs PEFT LoRA (fixed ranks) vs PEFT AdaLoRA, offline.
 
-    .venv/bin/python benchmarks/finetune_compare.py                      # full: 2,400 examples, 3 epochs, 3 seeds
-    .venv/bin/python benchmarks/finetune_compare.py --examples 600 --epochs 2 --seeds 2   # reduced
+    # the issue's full grid (3 tasks x 3 seeds, 2,400 examples x 3 epochs); resumable
+    .venv/bin/python benchmarks/finetune_compare.py --json benchmarks/results/fronts.json
+    # what README's table used (see there for the exact command)
+    .venv/bin/python benchmarks/finetune_compare.py --tasks rotten-tomatoes,tweets --examples 1600 \
+        --epochs 2 --seeds 3 --json benchmarks/results/fronts.json
 
-Every run uses the same data (the trainer's stratified held-out split and training pool for the seed),
-the same epochs over the training pool, batch size, max length, and the same lower-level optimizer
-(AdamW, learning rate, weight decay 1e-3, α = 32). dEBORA trains its bases on D2 and chooses ranks on
-D1 (equal halves of the pool, or D1 = D2 with --split same); LoRA/AdaLoRA train on the whole pool.
+Methods (``--methods``): ``debora`` (one run per dEBORA setting: ``--target-ranks`` and/or ``--taus``,
+or the default preset once if neither is given), ``lora-rN`` for any N (PEFT LoRA, rank N on every
+targeted layer), ``adalora`` (PEFT AdaLoRA, init_r = ``--adalora-init-r``, one run per target average
+rank in ``--adalora-target-rs``). Tasks (``--tasks``): packaged names (rotten-tomatoes, tweets,
+amazon, nyt, fashion-mnist) or local CSV/JSON paths (``--text-column``/``--label-column`` if the
+columns are not guessed).
 
-Reported per method and task, mean ± std over seeds: held-out accuracy, final trainable parameters
-(dEBORA: bases + s + head after truncation; LoRA: A, B + head; AdaLoRA: the ranks its final mask keeps,
-r(in + out + 1) per layer, + head — PEFT masks instead of removing them, so the tensors stay allocated),
-wall time, and peak memory (peak RSS of the run's own process on CPU; peak CUDA memory on GPU).
-Each run is a separate subprocess so that peak memory is its own. Output: one markdown table on
-stdout (and in --out).
+Fairness: every run of a task and seed uses the same stratified training pool and held-out split
+(the trainer's), the same epochs over the pool, batch size, max length, AdamW (weight decay 1e-3),
+α = 32 and no dropout. dEBORA trains its bases on D2 and its rank weights on D1 (equal halves of the
+same pool), so one epoch costs it the same number of forward/backward passes as LoRA's.
+Learning rates: each method's lr comes from the same protocol, ``--lr-grid``: on a tuning split
+(seed ``--tune-seed``: a different random pool and held-out split than the reported seeds) each method
+is run at its middle setting for every lr of the grid on the first task; the best held-out accuracy
+picks the lr used for all of that method's settings, tasks and seeds. ``--lr`` instead fixes one lr
+for all.
+
+Output: ``--json`` (a list, one record per finished run: task, method, setting, seed, acc, params,
+adapter_params, wall, lr, rank, ...; runs already in the file are skipped, so a killed campaign
+resumes), a markdown table (``--out``), and one PNG per task of held-out accuracy against final
+trainable parameters (mean ± std over seeds) with each method's front (``--plot-dir``).
 """
 from __future__ import annotations
 
@@ -32,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-METHODS = ("debora", "lora-r2", "lora-r8", "adalora")
+DEFAULT_METHODS = "debora,lora-r1,lora-r2,lora-r4,lora-r8,adalora"
 
 
 def _peak_memory_mb(device) -> float:
@@ -42,111 +55,159 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _task_config(spec, **extra):
+    from debora.train import TrainConfig
+    kw = dict(dataset=spec["task"], max_examples=spec["examples"], seed=spec["seed"],
+              max_length=spec["max_length"], max_eval_examples=spec["eval_examples"],
+              text_column=spec.get("text_column"), label_column=spec.get("label_column"),
+              image_size=spec.get("image_size", 32))
+    kw.update(extra)
+    return kw
+
+
 def run_debora(spec) -> dict:
     import torch
     from debora.train import TrainConfig, train
-    overrides = dict(dataset=spec["task"], max_examples=spec["examples"], epochs=spec["epochs"],
-                     seed=spec["seed"], batch_size=spec["batch_size"], lr=spec["lr"],
-                     max_length=spec["max_length"], max_eval_examples=spec["eval_examples"],
-                     output_dir=spec["output_dir"], progress=False, plots=False, eval_every=0,
-                     threads=spec.get("threads"), device=spec["device"])
+    overrides = _task_config(spec, epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
+                             output_dir=spec["output_dir"], progress=False, plots=False, eval_every=0,
+                             threads=spec.get("threads"), device=spec["device"])
     overrides.update(spec.get("debora", {}))
+    overrides.update(spec.get("setting_overrides", {}))
     cfg = TrainConfig.from_preset(spec.get("preset", "default"), **overrides)
-    t0 = time.perf_counter()
     res = train(cfg)
-    wall = time.perf_counter() - t0
     s = res.summary
+    wall = s["train_time_s"]     # the training loop with its evaluations at start and end (as PEFT's)
+    head = s["trainable_end"] - s["adapter_end"]
     return {"acc": s["eval_acc_end"], "acc_start": s["eval_acc_start"], "params": s["trainable_end"],
-            "params_start": s["trainable_start"], "rank": s["rank_end"], "wall": wall,
+            "adapter_params": s["adapter_end"], "head_params": head, "params_start": s["trainable_start"],
+            "rank": s["rank_end"], "rank_start": s["rank_start"], "wall": wall,
             "mem": _peak_memory_mb(torch.device(s["device"]))}
 
 
-def run_peft(spec) -> dict:
-    """LoRA / AdaLoRA with PEFT on the same pool and eval split, same optimizer and epochs."""
+def _adalora_kept(model, pattern) -> tuple:
+    """(adapter parameters kept by AdaLoRA's final mask, total kept rank): r(in + out + 1) per layer."""
     import numpy as np
+    adapter, rank = 0, 0
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_E") and "default" in getattr(mod, "lora_E", {}):
+            a, b = mod.lora_A["default"], mod.lora_B["default"]
+            kept = None
+            for key, mask in (pattern or {}).items():   # keys: "<module>.lora_E.default"
+                if name.endswith(key.split(".lora_E")[0].replace("base_model.model.", "")):
+                    kept = int(np.sum(mask))
+                    break
+            if kept is None:
+                kept = a.shape[0]
+            adapter += kept * (a.shape[1] + b.shape[0] + 1)
+            rank += kept
+    return adapter, rank
+
+
+def run_peft(spec) -> dict:
+    """PEFT LoRA / AdaLoRA on the same pool and held-out split, same optimizer, batch and epochs."""
     import torch
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     from debora.train import TrainConfig
-    from debora.train.data import collate, load_raw, to_device, tokenize
-    from debora.train.models import default_targets, load_text_model
+    from debora.train.data import collate, image_examples, load_raw, resolve_task, to_device, tokenize
+    from debora.train.models import default_modules_to_save, default_targets, load_image_model, \
+        load_text_model
     from debora.train.run import resolve_device
     from debora.train.split import Sampler, make_splits
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    cfg = TrainConfig(dataset=spec["task"], max_examples=spec["examples"], seed=spec["seed"],
-                      max_length=spec["max_length"], max_eval_examples=spec["eval_examples"])
+    cfg = TrainConfig(**_task_config(spec))
     device = resolve_device(spec["device"])
+    task = resolve_task(cfg)
     raw = load_raw(cfg)
     splits = make_splits(raw.labels, cfg.seed, "halves", cfg.eval_fraction, cfg.max_examples,
                          eval_labels=None if raw.eval is None else raw.eval.labels,
                          max_eval_examples=cfg.max_eval_examples)
+    num_labels = max(len(raw.label_names), int(raw.labels.max()) + 1)
     torch.manual_seed(cfg.seed)
-    tok, model, _ = load_text_model(None, len(raw.label_names))
-    pool = tokenize(raw.subset(splits.pool), tok, cfg.max_length)
-    ev = tokenize((raw.eval if splits.eval_from_source else raw).subset(splits.eval), tok, cfg.max_length)
-    targets = default_targets(model, "text")
+    ev_raw = (raw.eval if splits.eval_from_source else raw).subset(splits.eval)
+    if task == "text":
+        tok, model, _ = load_text_model(None, num_labels)
+        pool = tokenize(raw.subset(splits.pool), tok, cfg.max_length)
+        ev = tokenize(ev_raw, tok, cfg.max_length)
+        task_type = "SEQ_CLS"
+    else:
+        model, _ = load_image_model(None, num_labels)
+        pool, ev = image_examples(raw.subset(splits.pool)), image_examples(ev_raw)
+        task_type = None
+    targets = default_targets(model, task)
+    to_save = default_modules_to_save(model, task)
     steps_per_epoch = math.ceil(len(pool) / spec["batch_size"])
     total = max(1, math.ceil(spec["epochs"] * steps_per_epoch))
     method = spec["method"]
-    if method.startswith("lora"):
-        r = int(method.split("-r")[1])
-        pcfg = LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=32, lora_dropout=0.0, target_modules=targets)
+    common = dict(lora_alpha=32, lora_dropout=0.0, target_modules=targets)
+    if task_type is None:
+        common["modules_to_save"] = to_save
     else:
-        pcfg = AdaLoraConfig(task_type="SEQ_CLS", init_r=spec["adalora_init_r"], target_r=spec["adalora_target_r"],
-                             lora_alpha=32, lora_dropout=0.0, target_modules=targets,
-                             tinit=int(0.1 * total), tfinal=int(0.2 * total), deltaT=max(1, total // 50),
-                             total_step=total)
+        common["task_type"] = task_type
+    if method.startswith("lora-r"):
+        pcfg = LoraConfig(r=int(method[len("lora-r"):]), **common)
+    elif method == "adalora":
+        if task != "text":
+            raise ValueError("PEFT's AdaLoRA supports Linear/Conv1D layers only, not the Conv2d layers "
+                             "of the image model")
+        # PEFT's schedule: budget warm-up tinit, cubic decrease, final fine-tuning tfinal steps (the
+        # AdaLoRA paper's GLUE settings use ~10% warm-up and ~30% final phase); deltaT as in its docs
+        pcfg = AdaLoraConfig(init_r=spec["adalora_init_r"], target_r=spec["setting_value"],
+                             tinit=int(0.1 * total), tfinal=int(0.3 * total), deltaT=max(1, total // 50),
+                             beta1=0.85, beta2=0.85, orth_reg_weight=0.1, total_step=total, **common)
+    else:
+        raise ValueError(f"unknown PEFT method {method!r}")
     model = get_peft_model(model, pcfg).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=1e-3)
     sampler = Sampler(len(pool), spec["batch_size"], cfg.seed, stream=2)
+    image_size = cfg.image_size
+
+    def batch_of(ex, idx):
+        return to_device(collate(ex, idx, image_size), device)
+
+    def logits(b):
+        if task == "text":
+            return model(**{k: v for k, v in b.items() if k != "labels"}).logits
+        return model(b["pixel_values"])
 
     @torch.no_grad()
     def evaluate():
         model.eval()
         correct = 0
         for i in range(0, len(ev), 128):
-            b = to_device(collate(ev, range(i, min(len(ev), i + 128))), device)
-            correct += int((model(**b).logits.argmax(-1) == b["labels"]).sum())
+            b = batch_of(ev, range(i, min(len(ev), i + 128)))
+            correct += int((logits(b).argmax(-1) == b["labels"]).sum())
         model.train()
         return correct / len(ev)
 
+    t0 = time.perf_counter()     # like dEBORA's train_time_s: evaluation at start and end + training
     acc_start = evaluate()
-    t0 = time.perf_counter()
     model.train()
     for step in range(total):
-        b = to_device(collate(pool, sampler.next()), device)
-        out = model(**b)            # labels in the batch: out.loss includes AdaLoRA's orthogonal regulariser
-        out.loss.backward()
+        b = batch_of(pool, sampler.next())
+        if task == "text":
+            out = model(**b)        # labels in the batch: AdaLoRA adds its orthogonality regulariser
+            loss = out.loss
+        else:
+            loss = torch.nn.functional.cross_entropy(logits(b), b["labels"])
+        loss.backward()
         opt.step()
         if method == "adalora":
             model.base_model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
     acc = evaluate()
     wall = time.perf_counter() - t0
-    head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    trainable_now = sum(p.numel() for p in params)
+    lora = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+    head = trainable_now - lora
     if method == "adalora":
-        pattern = model.peft_config["default"].rank_pattern or {}
-        adapter = 0
-        for name, mod in model.named_modules():
-            if hasattr(mod, "lora_E") and "default" in getattr(mod, "lora_E", {}):
-                a = mod.lora_A["default"]
-                kept = None
-                for key, mask in pattern.items():   # keys: "<module>.lora_E.default"
-                    if name.endswith(key.split(".lora_E")[0].replace("base_model.model.", "")):
-                        kept = int(np.sum(mask))
-                        break
-                if kept is None:
-                    kept = a.shape[0]
-                adapter += kept * (a.shape[1] + mod.lora_B["default"].shape[0] + 1)
-        trainable = adapter + head
-        rank = sum(int(np.sum(m)) for m in pattern.values()) if pattern else None
+        adapter, rank = _adalora_kept(model, model.peft_config["default"].rank_pattern)
     else:
-        trainable = sum(p.numel() for p in params)
-        rank = int(method.split("-r")[1]) * len(targets)
-    return {"acc": acc, "acc_start": acc_start, "params": trainable,
-            "params_start": sum(p.numel() for p in params), "rank": rank, "wall": wall,
+        adapter, rank = lora, int(method[len("lora-r"):]) * len(targets)
+    return {"acc": acc, "acc_start": acc_start, "params": adapter + head, "adapter_params": adapter,
+            "head_params": head, "params_start": trainable_now, "rank": rank, "wall": wall,
             "mem": _peak_memory_mb(device)}
 
 
@@ -154,6 +215,64 @@ def worker(spec_json: str) -> None:
     spec = json.loads(spec_json)
     res = run_debora(spec) if spec["method"] == "debora" else run_peft(spec)
     print("RESULT " + json.dumps(res), flush=True)
+
+
+# -- campaign -----------------------------------------------------------------------------------------
+def settings_of(method: str, args):
+    """[(setting label, value, dEBORA overrides)] for one method."""
+    if method == "debora":
+        out = [(f"target_rank={r:g}", r, {"target_rank": r}) for r in args.target_ranks]
+        out += [(f"tau={t:g}", t, {"tau": t}) for t in args.taus]
+        return out or [("preset", None, {})]
+    if method == "adalora":
+        return [(f"target_r={r}", r, {}) for r in args.adalora_target_rs]
+    if method.startswith("lora-r"):
+        int(method[len("lora-r"):])   # validates
+        return [(f"r={method[len('lora-r'):]}", int(method[len("lora-r"):]), {})]
+    raise SystemExit(f"unknown method {method!r}: use debora, lora-rN (any N) or adalora")
+
+
+def _key(rec):
+    return (rec["task"], rec["method"], rec["setting"], rec["seed"], rec.get("phase", "report"),
+            float(rec["lr"]))
+
+
+def _load(path):
+    if path and os.path.isfile(path):
+        with open(path) as fh:
+            return json.load(fh)
+    return []
+
+
+def _save(path, records):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(records, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _run(spec, records, path):
+    key = _key(dict(spec, setting=spec["setting"]))
+    for r in records:
+        if _key(r) == key:
+            return r
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    tag = f"[{spec['task']} {spec['method']} {spec['setting']} seed {spec['seed']} lr {spec['lr']:g}]"
+    if proc.returncode != 0 or not line:
+        print(f"{tag} FAILED:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    res = json.loads(line[-1][len("RESULT "):])
+    rec = {"task": spec["task"], "method": spec["method"], "setting": spec["setting"], "seed": spec["seed"],
+           "phase": spec.get("phase", "report"), "lr": spec["lr"], "examples": spec["examples"],
+           "epochs": spec["epochs"], **res}
+    records.append(rec)
+    if path:
+        _save(path, records)
+    print(f"{tag} acc {100 * rec['acc']:.2f}% params {rec['params']:,} adapter {rec['adapter_params']:,} "
+          f"wall {rec['wall']:.0f}s", file=sys.stderr, flush=True)
+    return rec
 
 
 def _fmt(values, pct=False, digits=1):
@@ -165,84 +284,190 @@ def _fmt(values, pct=False, digits=1):
     return f"{m:,.{digits}f} ± {s:,.{digits}f}"
 
 
+def groups(records, task):
+    out = {}
+    for r in records:
+        if r["task"] == task and r.get("phase", "report") == "report":
+            out.setdefault((r["method"], r["setting"]), []).append(r)
+    return out
+
+
+def plot_fronts(records, tasks, plot_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    paths = []
+    os.makedirs(plot_dir, exist_ok=True)
+    for task in tasks:
+        g = groups(records, task)
+        if not g:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        families = {}
+        for (method, setting), rs in g.items():
+            fam = "lora" if method.startswith("lora-r") else method
+            p = statistics.mean(r["params"] for r in rs)
+            a = [100 * r["acc"] for r in rs]
+            families.setdefault(fam, []).append((p, statistics.mean(a),
+                                                 statistics.stdev(a) if len(a) > 1 else 0.0, setting))
+        for fam, pts in sorted(families.items()):
+            pts.sort()
+            xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
+            for p in pts:
+                ax.annotate(p[3].split("=")[-1], (p[0], p[1]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("final trainable parameters (adapter + head)")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"{os.path.basename(task)}: mean ± std over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(plot_dir, f"front_{os.path.splitext(os.path.basename(task))[0]}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def table(records, tasks):
+    lines = ["| task | method | setting | lr | held-out acc (%) | final trainable params | adapter params | "
+             "wall (s) | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for (method, setting), rs in sorted(groups(records, task).items(),
+                                            key=lambda kv: statistics.mean(r["params"] for r in kv[1])):
+            lines.append(f"| {os.path.basename(task)} | {method} | {setting} | {rs[0]['lr']:g} | "
+                         f"{_fmt([r['acc'] for r in rs], pct=True, digits=2)} | "
+                         f"{_fmt([r['params'] for r in rs], digits=0)} | "
+                         f"{_fmt([r['adapter_params'] for r in rs], digits=0)} | "
+                         f"{_fmt([r['wall'] for r in rs], digits=0)} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def verdicts(records, tasks):
+    out = []
+    for task in tasks:
+        g = groups(records, task)
+        lora8 = g.get(("lora-r8", "r=8"))
+        deb = {k: v for k, v in g.items() if k[0] == "debora"}
+        if not lora8 or not deb:
+            continue
+        m8 = statistics.mean(r["acc"] for r in lora8)
+        sd8 = statistics.stdev([r["acc"] for r in lora8]) if len(lora8) > 1 else 0.0
+        a8 = statistics.mean(r["adapter_params"] for r in lora8)
+        best = None
+        for (_, setting), rs in deb.items():
+            acc = statistics.mean(r["acc"] for r in rs)
+            ap = statistics.mean(r["adapter_params"] for r in rs)
+            if acc >= m8 - sd8 and ap <= a8 / 3 and (best is None or ap < best[2]):
+                best = (setting, acc, ap)
+        if best:
+            out.append(f"- {os.path.basename(task)}: dEBORA {best[0]} reaches {100 * best[1]:.2f}% (LoRA r=8: "
+                       f"{100 * m8:.2f} ± {100 * sd8:.2f}%) with {best[2]:,.0f} adapter parameters = "
+                       f"{best[2] / a8:.2f}× LoRA r=8's: goal MET.")
+        else:
+            out.append(f"- {os.path.basename(task)}: no dEBORA setting matches LoRA r=8 ({100 * m8:.2f} ± "
+                       f"{100 * sd8:.2f}%) at ≤ ⅓ of its {a8:,.0f} adapter parameters: goal NOT met.")
+        ada = {k: v for k, v in g.items() if k[0] == "adalora"}
+        for (_, setting), rs in sorted(ada.items()):
+            ap = statistics.mean(r["params"] for r in rs)
+            aa = statistics.mean(r["acc"] for r in rs)
+            # the dEBORA setting closest in parameters
+            (ds, drs) = min(deb.items(), key=lambda kv: abs(statistics.mean(r["params"] for r in kv[1]) - ap))
+            dp = statistics.mean(r["params"] for r in drs)
+            da = statistics.mean(r["acc"] for r in drs)
+            out.append(f"  - vs AdaLoRA {setting} ({100 * aa:.2f}% at {ap:,.0f} params): dEBORA {ds[1]} "
+                       f"{100 * da:.2f}% at {dp:,.0f} ({dp / ap:.2f}×) → "
+                       f"{'≥' if da >= aa else '<'} AdaLoRA")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", default="rotten-tomatoes,tweets")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tasks", default="rotten-tomatoes,tweets,fashion-mnist",
+                    help="comma-separated packaged task names or local CSV/JSON paths")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help="debora, lora-rN (any N), adalora")
+    ap.add_argument("--target-ranks", default="1,2,4", help="dEBORA settings: final average rank per adapter")
+    ap.add_argument("--taus", default="", help="dEBORA settings: τ values (paper's budget), optional")
+    ap.add_argument("--adalora-target-rs", default="1,2,4")
+    ap.add_argument("--adalora-init-r", type=int, default=8)
     ap.add_argument("--examples", type=int, default=2400, help="training pool size per task")
     ap.add_argument("--eval-examples", type=int, default=1000)
     ap.add_argument("--epochs", type=float, default=3.0)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=None, help="AdamW lr for every method (default: the "
-                                                             "dEBORA default preset's)")
     ap.add_argument("--max-length", type=int, default=48)
-    ap.add_argument("--adalora-init-r", type=int, default=8)
-    ap.add_argument("--adalora-target-r", type=int, default=4)
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--text-column")
+    ap.add_argument("--label-column")
+    ap.add_argument("--lr", type=float, default=None, help="one lr for every method (skips the tuning)")
+    ap.add_argument("--lr-grid", default="5e-4,1e-3,3e-3", help="lrs tried per method on the tuning split")
+    ap.add_argument("--tune-seed", type=int, default=100)
     ap.add_argument("--preset", default="default", help="dEBORA preset")
     ap.add_argument("--debora", default="{}", help="JSON dict of extra dEBORA TrainConfig overrides")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", default="bench_out/finetune_compare.md")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default="benchmarks/results/fronts.json")
+    ap.add_argument("--out", default="benchmarks/results/fronts.md")
+    ap.add_argument("--plot-dir", default="benchmarks/results")
+    ap.add_argument("--report-only", action="store_true", help="table and plots from --json, no runs")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.worker)
         return 0
-    from debora.train.config import PRESETS
-    lr = args.lr if args.lr is not None else PRESETS[args.preset].get("lr", 1e-3)
+    args.target_ranks = [float(v) for v in args.target_ranks.split(",") if v]
+    args.taus = [float(v) for v in args.taus.split(",") if v]
+    args.adalora_target_rs = [int(v) for v in args.adalora_target_rs.split(",") if v]
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
-    results = {}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    t_all = time.perf_counter()
-    for task in tasks:
-        for method in methods:
-            for seed in range(args.seeds):
-                spec = dict(task=task, method=method, seed=seed, examples=args.examples,
-                            eval_examples=args.eval_examples, epochs=args.epochs, batch_size=args.batch_size,
-                            lr=lr, max_length=args.max_length, adalora_init_r=args.adalora_init_r,
-                            adalora_target_r=args.adalora_target_r, preset=args.preset,
-                            debora=json.loads(args.debora), device=args.device, threads=args.threads,
-                            output_dir=os.path.join(os.path.dirname(os.path.abspath(args.out)), "runs",
-                                                    f"{task}-{method}-{seed}"))
-                proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                                      capture_output=True, text=True)
-                line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-                if proc.returncode != 0 or not line:
-                    print(f"[{task} {method} seed {seed}] FAILED:\n{proc.stderr[-2000:]}", file=sys.stderr)
-                    continue
-                res = json.loads(line[-1][len("RESULT "):])
-                results.setdefault((task, method), []).append(res)
-                print(f"[{task} {method} seed {seed}] acc {100 * res['acc']:.2f}% params {res['params']:,} "
-                      f"wall {res['wall']:.0f}s mem {res['mem']:.0f}MB", file=sys.stderr, flush=True)
-    lines = [f"Setting: MiniLM-L6 (packaged), {args.examples} training examples, {args.eval_examples} held-out, "
-             f"{args.epochs:g} epochs, batch {args.batch_size}, max length {args.max_length}, AdamW lr {lr:g} "
-             f"wd 1e-3, α = 32, {args.seeds} seed(s); AdaLoRA init_r={args.adalora_init_r} → "
-             f"target_r={args.adalora_target_r}; dEBORA preset '{args.preset}' {args.debora}. "
-             f"Total {time.perf_counter() - t_all:.0f} s.", "",
-             "| task | method | held-out acc (%) | final trainable params | wall (s) | peak mem (MB) |",
-             "|---|---|---|---|---|---|"]
-    for task in tasks:
-        for method in methods:
-            rs = results.get((task, method), [])
-            lines.append(f"| {task} | {method} | {_fmt([r['acc'] for r in rs], pct=True, digits=2)} | "
-                         f"{_fmt([r['params'] for r in rs], digits=0)} | {_fmt([r['wall'] for r in rs], digits=0)} | "
-                         f"{_fmt([r['mem'] for r in rs], digits=0)} |")
-    verdicts = []
-    for task in tasks:
-        d, a = results.get((task, "debora")), results.get((task, "adalora"))
-        if d and a:
-            da, aa = statistics.mean(r["acc"] for r in d), statistics.mean(r["acc"] for r in a)
-            dp, ap_ = statistics.mean(r["params"] for r in d), statistics.mean(r["params"] for r in a)
-            ok = da >= aa and dp <= 0.5 * ap_
-            verdicts.append(f"- {task}: dEBORA {100 * da:.2f}% at {dp:,.0f} params vs AdaLoRA {100 * aa:.2f}% at "
-                            f"{ap_:,.0f} params ({dp / ap_:.2f}×): aim (≥ AdaLoRA accuracy at ≤ ½ its params) "
-                            f"{'MET' if ok else 'NOT met'}.")
-    text = "\n".join(lines + [""] + verdicts) + "\n"
+    for p in (args.json, args.out):
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    records = _load(args.json)
+    runs_dir = os.path.join(os.path.dirname(os.path.abspath(args.json)), "runs")
+    base = dict(examples=args.examples, eval_examples=args.eval_examples, epochs=args.epochs,
+                batch_size=args.batch_size, max_length=args.max_length, image_size=args.image_size,
+                text_column=args.text_column, label_column=args.label_column,
+                adalora_init_r=args.adalora_init_r, preset=args.preset, debora=json.loads(args.debora),
+                device=args.device, threads=args.threads)
+
+    def spec(task, method, setting, seed, lr, phase):
+        label, value, overrides = setting
+        out = os.path.join(runs_dir, f"{os.path.basename(task)}-{method}-{label}-{seed}-{phase}-{lr:g}")
+        return dict(base, task=task, method=method, setting=label, setting_value=value,
+                    setting_overrides=overrides, seed=seed, lr=lr, phase=phase, output_dir=out)
+
+    lrs = {}
+    if not args.report_only:
+        grid = [args.lr] if args.lr is not None else [float(v) for v in args.lr_grid.split(",") if v]
+        for method in methods:            # the tuning protocol, the same for every method
+            sets = settings_of(method, args)
+            mid = sets[len(sets) // 2]
+            if len(grid) == 1:
+                lrs[method] = grid[0]
+                continue
+            scores = []
+            for lr in grid:
+                rec = _run(spec(tasks[0], method, mid, args.tune_seed, lr, "tune"), records, args.json)
+                if rec is not None:
+                    scores.append((rec["acc"], -lr, lr))
+            lrs[method] = max(scores)[2] if scores else grid[0]
+            print(f"[tune] {method}: lr {lrs[method]:g} (grid {grid}, on {tasks[0]} seed {args.tune_seed}, "
+                  f"setting {mid[0]})", file=sys.stderr, flush=True)
+        for seed in range(args.seeds):    # seed-major: a partial campaign still covers every method
+            for task in tasks:
+                for method in methods:
+                    for setting in settings_of(method, args):
+                        if method == "adalora" and task == "fashion-mnist":
+                            continue      # PEFT's AdaLoRA has no Conv2d support
+                        _run(spec(task, method, setting, seed, lrs[method], "report"), records, args.json)
+    text = table(records, tasks) + "\n\n" + "\n".join(verdicts(records, tasks)) + "\n"
+    plots = plot_fronts(records, tasks, args.plot_dir)
     with open(args.out, "w") as fh:
         fh.write(text)
     print(text)
+    print("plots: " + ", ".join(plots))
     return 0
 
 

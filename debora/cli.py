@@ -39,6 +39,11 @@ FLAGS = [
     ("--budget", "budget", str, "global | per_layer"),
     ("--basis", "basis", str, "euclidean | oblique | stiefel"),
     ("--alpha", "alpha", float, "LoRA-style scale α (update scaled by α/r0)"),
+    ("--init-s", "init_s", float, "initial value of every s_i (default: the simplex barycentre)"),
+    ("--target-rank", "target_rank", float, "final average rank per adapter (the rank budget as a "
+                                            "count; cubic schedule from init-rank)"),
+    ("--prune-start", "prune_start", float, "fraction of the run where the rank schedule starts"),
+    ("--prune-end", "prune_end", float, "fraction of the run where it reaches --target-rank"),
     ("--split", "split", str, "halves (D1, D2 equal random halves) | same (D1 = D2)"),
     ("--estimator", "estimator", str, "hypergradient estimator (bilevel.estimators.available())"),
     ("--estimator-options", "estimator_options", json.loads, "JSON dict of estimator options"),
@@ -48,6 +53,7 @@ FLAGS = [
     ("--fw-lipschitz", "fw_lipschitz", float, "M of the short step"),
     ("--fw-step-size", "fw_step_size", float, "step of --fw-step constant"),
     ("--gap-tol", "gap_tol", float, "p̃: stop updating s once the FW gap is below it"),
+    ("--gap-patience", "gap_patience", int, "consecutive FW gaps <= p̃ before s is frozen"),
     ("--truncate-from", "truncate_from", lambda v: int(v) if float(v).is_integer() else float(v),
      "n0: first outer iteration with truncation, or a fraction of the run in (0, 1) (<0: never)"),
     ("--lr", "lr", float, "lower-level AdamW learning rate"),
@@ -111,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     tr.add_argument("--export-peft", dest="export_peft", action="store_true", default=None,
                     help="also export the adapter as a PEFT LoRA adapter (output-dir/peft)")
+    tr.add_argument("--fused-first-order", dest="fused_first_order", action="store_true", default=None,
+                    help="with --split same and --estimator first-order: take ∂_s f from the lower "
+                         "backward passes (no extra pass per iteration)")
     tr.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     tr.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                     help="no progress bar")
@@ -127,7 +136,7 @@ def config_from_args(args) -> "TrainConfig":
         v = getattr(args, dest)
         if v is not None:
             values[dest] = _split_list(v) if dest in LIST_FIELDS else v
-    for dest in ("export_peft", "plots", "progress"):
+    for dest in ("export_peft", "plots", "progress", "fused_first_order"):
         v = getattr(args, dest)
         if v is not None:
             values[dest] = v

@@ -41,6 +41,11 @@ class DeboraConfig:
         modules_to_save: extra modules trained at the lower level (e.g. ``["classifier"]``), matched
             like list ``target_modules``.
         init_seed: seed of the random bases (``None``: torch's global generator).
+        init_s: initial value of every s_i (``None``: the barycentre of the simplex's vertices,
+            ε + τ/(n+1)). With oblique/Stiefel bases the initial update ΔW0 = scaling·U diag(s0) Vᵀ is
+            folded into the base weight, so removing a component later re-adds its share of −ΔW0: a
+            small ``init_s`` (close to ε) keeps truncation nearly neutral. Must satisfy
+            ε ≤ init_s and n·(init_s − ε) ≤ τ (n = components sharing one budget).
     """
 
     target_modules: Union[List[str], str] = field(default_factory=list)
@@ -52,6 +57,7 @@ class DeboraConfig:
     basis: str = "euclidean"
     modules_to_save: Optional[List[str]] = None
     init_seed: Optional[int] = None
+    init_s: Optional[float] = None
 
     def __post_init__(self):
         tm = self.target_modules
@@ -89,6 +95,11 @@ class DeboraConfig:
                 raise ValueError(f"modules_to_save must be a list of module names, got "
                                  f"{self.modules_to_save!r}")
             self.modules_to_save = list(mts) or None
+        if self.init_s is not None:
+            v = self.init_s
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (self.eps <= v < float("inf")):
+                raise ValueError(f"init_s must be a finite number >= eps = {self.eps:g}, got {v!r}")
+            self.init_s = float(v)
         if self.init_seed is not None and not isinstance(self.init_seed, numbers.Integral):
             raise ValueError(f"init_seed must be an int or None, got {self.init_seed!r}")
 

@@ -48,8 +48,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def initial_s(cfg: DeboraConfig, n_components: int) -> float:
-    """Barycentre value of the floored simplex with ``n_components`` coordinates."""
-    return cfg.eps + cfg.tau / (n_components + 1)
+    """``cfg.init_s`` if set (checked to fit the budget), else the barycentre value of the floored
+    simplex with ``n_components`` coordinates."""
+    if cfg.init_s is None:
+        return cfg.eps + cfg.tau / (n_components + 1)
+    if n_components * (cfg.init_s - cfg.eps) > cfg.tau * (1 + 1e-12):
+        raise ValueError(f"init_s={cfg.init_s:g} is infeasible: {n_components} components x (init_s - eps) = "
+                         f"{n_components * (cfg.init_s - cfg.eps):g} exceeds tau={cfg.tau:g}; lower init_s "
+                         f"to at most {cfg.eps + cfg.tau / n_components:g} or raise tau")
+    return cfg.init_s
 
 
 def inject(model: nn.Module, cfg: DeboraConfig) -> nn.Module:

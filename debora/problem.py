@@ -3,7 +3,8 @@
     problem, x, y = debora.bilevel_problem(model, loss_fn)
     res = bilevel.estimators.get("cg")(problem, x, y, upper_batch, lower_batch)
 
-* ``x = {"<layer>.s": …}`` and ``y = {"<layer>.U": …, …, "<saved module param>": …}``, both
+* ``x = {"<layer>.s": …}`` and ``y = {"<layer>.U": …, …, "<saved module param>": …}`` (layers at rank 0
+  are left out: their tensors are empty), both
   *detached aliases* of the live parameters (``p.detach()``: same storage, no copy, no autograd
   history). In-place updates of the model (optimizer steps, Frank-Wolfe writes into ``s``) are
   visible through them; after :func:`debora.truncate` the Parameters are new objects, so call
@@ -93,6 +94,8 @@ def bilevel_problem(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor
 
     from .manifolds import basis_kinds
     problem = DeboraProblem(upper_loss, lower_loss, basis_kinds(model))
-    x = {k: v.detach() for k, v in upper_parameters(model).items()}
-    y = {k: v.detach() for k, v in lower_parameters(model).items()}
+    # a layer truncated to rank 0 has empty s and bases: nothing to differentiate, so they are left out
+    # (functional_call(strict=False) then uses the layer's own empty tensors, and its forward is base(x))
+    x = {k: v.detach() for k, v in upper_parameters(model).items() if v.numel()}
+    y = {k: v.detach() for k, v in lower_parameters(model).items() if v.numel()}
     return problem, x, y

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Dict, List, Optional, Union
@@ -50,16 +51,24 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     modules_to_save: Optional[List[str]] = None   # None = the model's classifier head
+    init_s: Optional[float] = None         # initial s_i (None: barycentre ε + τ/(n+1)); see DeboraConfig
+    # -- rank budget as a count (budget.py): None = only the paper's rule (remove components at ε) ------
+    target_rank: Optional[float] = None    # final average rank per adapter, R* = target_rank × layers
+    prune_start: float = 0.1               # fraction of the run where the cubic schedule k(n) starts
+    prune_end: float = 0.6                 # ... and where it reaches R*
+    prune_by: str = "s"                    # which components go first: smallest "s", or "random" (ablation)
     # -- bilevel algorithm -------------------------------------------------------------------------
     split: str = "halves"                  # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
     estimator: str = "debora-closed-form"
     estimator_options: Dict[str, Any] = field(default_factory=dict)
     inner_steps: int = 1                   # T_max
+    fused_first_order: bool = False        # split="same" + first-order: ∂_s f from the lower backward
     fw: str = "away"
     fw_step: str = "short"
     fw_lipschitz: Optional[float] = 10.0   # M of the short step; None = estimated (secant)
     fw_step_size: float = 0.05             # constant step (fw_step="constant")
     gap_tol: float = 0.0                   # p̃
+    gap_patience: int = 5                  # s is frozen after this many consecutive FW gaps <= p̃
     truncate_from: Union[int, float] = 10  # n0: outer iteration (int), or a fraction of all iterations
                                            # (float in (0, 1)); < 0 disables truncation
     truncate_every: int = 1
@@ -102,7 +111,7 @@ class TrainConfig:
 
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
-                              ("bf16", ("auto", "on", "off"))):
+                              ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "random"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise ValueError(f"tau (τ, the rank budget) must be > 0, got {self.tau!r}")
@@ -153,6 +162,26 @@ class TrainConfig:
         if (self.fw_lipschitz is not None and self.fw_lipschitz <= 0) or self.fw_step_size <= 0:
             raise ValueError(f"fw_lipschitz (M) and fw_step_size must be > 0, got {self.fw_lipschitz!r}, "
                              f"{self.fw_step_size!r}")
+        if self.init_s is not None and not (isinstance(self.init_s, (int, float)) and math.isfinite(self.init_s)
+                                            and self.init_s >= self.eps):
+            raise ValueError(f"init_s must be a finite number >= eps = {self.eps:g}, got {self.init_s!r}")
+        if self.target_rank is not None and not (
+                isinstance(self.target_rank, (int, float)) and not isinstance(self.target_rank, bool)
+                and math.isfinite(self.target_rank) and 0 < self.target_rank <= self.init_rank):
+            raise ValueError(f"target_rank (final average rank per adapter) must be in (0, init_rank="
+                             f"{self.init_rank}], got {self.target_rank!r}")
+        if not (isinstance(self.prune_start, (int, float)) and isinstance(self.prune_end, (int, float))
+                and 0.0 <= self.prune_start < self.prune_end <= 1.0):
+            raise ValueError(f"need 0 <= prune_start < prune_end <= 1 (fractions of the run), got "
+                             f"prune_start={self.prune_start!r}, prune_end={self.prune_end!r}")
+        if self.fused_first_order and (self.split != "same" or self.estimator != "first-order"
+                                       or self.fw_step == "armijo"):
+            raise ValueError(f"fused_first_order needs split='same' and estimator='first-order' (∂_s f of "
+                             f"the lower batches is then the hypergradient at the lower solution) and a "
+                             f"step rule without objective (not armijo); got split={self.split!r}, "
+                             f"estimator={self.estimator!r}, fw_step={self.fw_step!r}")
+        if not (isinstance(self.gap_patience, int) and self.gap_patience >= 1):
+            raise ValueError(f"gap_patience must be an integer >= 1, got {self.gap_patience!r}")
         if self.truncate_atol is not None and self.truncate_atol < 0:
             raise ValueError(f"truncate_atol must be >= 0 or None, got {self.truncate_atol!r}")
         if isinstance(self.target_modules, str) and not self.target_modules:

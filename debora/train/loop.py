@@ -18,6 +18,7 @@ to *skip* a bad step); losses and accuracies are otherwise accumulated on the de
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 import warnings
@@ -30,6 +31,7 @@ import bilevel
 import debora
 
 from . import checkpoint as ckpt
+from .budget import scheduled_count, smallest_beyond
 from .data import Examples, collate, to_device
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
@@ -55,7 +57,8 @@ class TrainState:
     d2_est: Sampler                      # lower batches handed to estimators that use them
     skipped_lower: int = 0
     skipped_upper: int = 0
-    s_frozen: bool = False               # FW gap reached p̃: s is no longer updated
+    s_frozen: bool = False               # FW gap stayed below p̃ for gap_patience iterations: s fixed
+    below_tol: int = 0                   # consecutive iterations with FW gap <= p̃
     last_gap: Optional[float] = None
     elapsed: float = 0.0                 # wall seconds of previous sessions (resume)
     history: Dict[str, Any] = field(default_factory=dict)   # eval at start, best eval, ...
@@ -110,6 +113,10 @@ class Trainer:
         self._problem = None
         self._state_layout = None
         self.inputs_fn = inputs_fn(task)
+        # D1 = D2 and the first-order estimator: by the envelope theorem ∇F(s) = ∂_s f(B*(s), s) at the
+        # lower solution, and ∂_s f of the lower batches is a by-product of the lower backward passes
+        self.fused = bool(cfg.fused_first_order) and estimator is None
+        self.fused_grad = None
         use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
         per_epoch = math.ceil(len(d2) / (cfg.batch_size * cfg.grad_accum * cfg.inner_steps))
@@ -171,6 +178,24 @@ class Trainer:
         """T_max AdamW steps on f2 (D2 batches) for the bases and the head; s fixed."""
         cfg, model, opt = self.cfg, self.model, state.optimizer
         model.train()
+        fused = self.fused and not state.s_frozen
+        if fused:   # ∂_s f on the lower batches comes out of the same backward passes
+            ups = debora.upper_parameters(model)
+            for p in ups.values():
+                p.grad = None
+                p.requires_grad_(True)
+        try:
+            self._lower_loop(state, acc)
+        finally:
+            if fused:
+                self.fused_grad = {k: (p.grad / cfg.inner_steps if p.grad is not None else torch.zeros_like(p))
+                                   for k, p in ups.items()}
+                for p in ups.values():
+                    p.requires_grad_(False)
+                    p.grad = None
+
+    def _lower_loop(self, state: TrainState, acc: Dict[str, torch.Tensor]) -> None:
+        cfg, model, opt = self.cfg, self.model, state.optimizer
         for _ in range(cfg.inner_steps):
             opt.zero_grad(set_to_none=True)
             total = None
@@ -202,29 +227,45 @@ class Trainer:
         if self._problem is None:   # built once (and after each truncation): it only holds the model
             self._problem = debora.bilevel_problem(self.model, loss_fn, inputs_fn=self.inputs_fn)[0]
         problem = self._problem
-        x = {k: v.detach() for k, v in debora.upper_parameters(self.model).items()}
-        y = {k: v.detach() for k, v in debora.lower_parameters(self.model).items()}
+        # layers truncated to rank 0 (global budget) have empty s and bases: nothing to differentiate
+        ups = debora.upper_parameters(self.model)
+        x = {k: v.detach() for k, v in ups.items() if v.numel()}
+        y = {k: v.detach() for k, v in debora.lower_parameters(self.model).items() if v.numel()}
         lower_iter = _Batches(self, state.d2_est, self.d2)
         g_sum, value, info = None, None, None
-        for _ in range(cfg.grad_accum):
-            upper_batch = self.batch(self.d1, state.d1.next())
-            with self.autocast():
-                res = self.estimator(problem, x, y, upper_batch, lower_iter)
-            g = {k: res.grad[k].float() for k in x}
-            g_sum = g if g_sum is None else {k: g_sum[k] + g[k] for k in g}
-            v = res.info.upper_value
-            if v is not None:
-                value = v.detach().float() if value is None else value + v.detach().float()
-            info = res.info
-        g = {k: v / cfg.grad_accum for k, v in g_sum.items()}
+        # dropout and other train-mode randomness off: the hypergradient (and the Armijo objective
+        # below) estimate F(s) = f1(B*(s), s), a deterministic function of s
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for _ in range(cfg.grad_accum):
+                upper_batch = self.batch(self.d1, state.d1.next())
+                with self.autocast():
+                    res = self.estimator(problem, x, y, upper_batch, lower_iter)
+                g = {k: res.grad[k].float() for k in x}
+                g_sum = g if g_sum is None else {k: g_sum[k] + g[k] for k in g}
+                v = res.info.upper_value
+                if v is not None:
+                    value = v.detach().float() if value is None else value + v.detach().float()
+                info = res.info
+        finally:
+            self.model.train(was_training)
+        g = {k: g_sum[k] / cfg.grad_accum if k in g_sum else torch.zeros_like(p, dtype=torch.float32)
+             for k, p in ups.items()}
         if value is not None:
             value = value / cfg.grad_accum
         objective = None
         if cfg.fw_step == "armijo":      # f1 on the last D1 batch as a function of the s vector
             def objective(s_vec, _p=problem, _y=y, _b=upper_batch):
                 lay = self._state_layout
-                with torch.no_grad(), self.autocast():
-                    return _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items()}, _y, _b).float()
+                was = self.model.training
+                self.model.eval()
+                try:
+                    with torch.no_grad(), self.autocast():
+                        return _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items() if k in x},
+                                    _y, _b).float()
+                finally:
+                    self.model.train(was)
         return g, value, objective
 
     @torch.no_grad()
@@ -243,8 +284,13 @@ class Trainer:
         gvec = state.layout.flatten(g).to(state.fw_state.x.dtype)
         s_new, fw_state, info = fw_solver.step(gvec, state.fw_state, objective=objective)
         state.last_gap = info.gap
-        if self.cfg.gap_tol > 0 and bool(info.stationary):
-            state.s_frozen = True   # the paper's step 4: s stationary to tolerance p̃; stop updating it
+        if self.cfg.gap_tol > 0:
+            # the paper's step 4 (s stationary to tolerance p̃: stop updating it), on a stochastic gap:
+            # one noisy small gap must not freeze s for the rest of the run, so it takes gap_patience
+            # consecutive gaps <= p̃
+            state.below_tol = state.below_tol + 1 if bool(info.stationary) else 0
+            if state.below_tol >= self.cfg.gap_patience:
+                state.s_frozen = True
         state.fw_state = fw_state
         self.write_s(s_new, state.layout)
         return info
@@ -258,12 +304,17 @@ class Trainer:
         """Remove the components at the floor from the model (bases, s), the lower optimizer's state and
         the FW state (active set, weights), with the same global indices."""
         mask = self.at_floor(state).clone()
-        if not bool(mask.any()):
-            return 0
         x = state.fw_state.x.detach().cpu()
         # the FW set keeps >= 1 coordinate per block (per-layer budget) / overall (global budget)
         slices = ([slice(o, o + k) for o, k in zip(state.layout.offsets.values(), state.layout.sizes)]
                   if self.cfg.budget == "per_layer" else [slice(0, x.numel())])
+        if self.cfg.target_rank is not None:
+            # the count budget decides how many go, s decides which: components at the floor (smallest
+            # s) first, so they stay available to Frank-Wolfe until the schedule needs their room
+            mask = self.enforce_rank_budget(state, slices)
+            x = state.fw_state.x.detach().cpu()
+        if not bool(mask.any()):
+            return 0
         for sl in slices:
             m = mask[sl]
             if m.numel() and bool(m.all()):
@@ -289,6 +340,42 @@ class Trainer:
         # a fresh problem: bilevel's Estimator re-validates a changed structure with lower_batch=None
         self._problem = None
         return int(idx.numel())
+
+    def rank_budget(self, iteration: int):
+        """``(k(n), R0, R*)``: live components allowed after ``iteration`` (budget.py), or None."""
+        cfg = self.cfg
+        if cfg.target_rank is None:
+            return None
+        layers = len(debora.adapter_layers(self.model))
+        r0 = cfg.init_rank * layers
+        target = max(1, int(round(cfg.target_rank * layers)))
+        k = scheduled_count(iteration, self.total_iterations, r0, target, cfg.prune_start, cfg.prune_end)
+        return k, r0, target
+
+    def enforce_rank_budget(self, state: TrainState, slices) -> torch.Tensor:
+        """The components beyond k(n) with the smallest s (budget.py); those not yet at the floor are
+        moved there in the FW state (barycentric weights recomputed: they get weight exactly 0)."""
+        k, _, _ = self.rank_budget(state.iteration)
+        x = state.fw_state.x.detach().cpu()
+        alive = torch.ones_like(x, dtype=torch.bool)
+        protected = torch.zeros_like(alive)
+        for sl in slices:                         # a block's largest live component always stays
+            if x[sl].numel():
+                protected[sl.start + int(torch.argmax(x[sl]))] = True
+        key = x
+        if self.cfg.prune_by == "random":    # ablation: the same count, components chosen at random
+            gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)
+            key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
+        force = smallest_beyond(key, alive, k, protected)
+        if not bool(force.any()):
+            return force
+        fw_state = state.fw_state
+        S = fw_state.set
+        floor = S.floor(dtype=fw_state.x.dtype, device=fw_state.x.device)
+        x_new = torch.where(force.to(fw_state.x.device), floor, fw_state.x)
+        fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
+        state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
+        return force
 
     def _nonfinite(self, state: TrainState, message: str) -> None:
         count = state.skipped_lower + state.skipped_upper
@@ -352,7 +439,7 @@ class Trainer:
                 "samplers": {"d1": state.d1.state_dict(), "d2": state.d2.state_dict(),
                              "d2_est": state.d2_est.state_dict()},
                 "skipped_lower": state.skipped_lower, "skipped_upper": state.skipped_upper,
-                "s_frozen": state.s_frozen, "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
+                "s_frozen": state.s_frozen, "below_tol": state.below_tol, "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
                 "history": state.history, "config": self.cfg.to_dict(),
                 "model_dtypes": {k: str(v.dtype) for k, v in model_tensors.items()}}
         return ckpt.save(path, {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors,
@@ -403,7 +490,7 @@ class Trainer:
                            d2=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=2),
                            d2_est=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=3),
                            skipped_lower=int(meta["skipped_lower"]), skipped_upper=int(meta["skipped_upper"]),
-                           s_frozen=bool(meta["s_frozen"]), last_gap=meta["last_gap"],
+                           s_frozen=bool(meta["s_frozen"]), below_tol=int(meta.get("below_tol", 0)), last_gap=meta["last_gap"],
                            elapsed=float(meta["elapsed"]), history=dict(meta["history"]))
         state.d1.load_state_dict(meta["samplers"]["d1"])
         state.d2.load_state_dict(meta["samplers"]["d2"])
@@ -447,7 +534,10 @@ class Trainer:
                 # 2.–6. hypergradient and Frank-Wolfe step on s
                 if not state.s_frozen:
                     self._state_layout = state.layout
-                    g, value, objective = self.hypergradient(state)
+                    if self.fused:
+                        g, value, objective = self.fused_grad, None, None
+                    else:
+                        g, value, objective = self.hypergradient(state)
                     if value is not None:
                         acc["upper_loss"] += value
                         acc["upper_n"] += 1

@@ -95,7 +95,8 @@ def prepare(cfg: TrainConfig, device: torch.device):
     to_save = cfg.modules_to_save if cfg.modules_to_save else default_modules_to_save(model, task)
     dcfg = debora.DeboraConfig(target_modules=targets, init_rank=cfg.init_rank, alpha=cfg.alpha,
                                tau=cfg.tau, eps=cfg.eps, budget=cfg.budget, basis=cfg.basis,
-                               modules_to_save=to_save, init_seed=cfg.seed)
+                               modules_to_save=to_save, init_seed=cfg.seed,
+                               init_s=cfg.init_s)
     debora.inject(model, dcfg)
     model.to(device)
     info = {"task": task, "model": model_name, "tokenizer": tokenizer, "label_names": raw.label_names,

@@ -1,0 +1,220 @@
+"""Rank selection on tiny models: the budget schedule, dead components, rank-0 layers, dropout.
+
+Each training run is a tiny random BERT on a tiny csv (a few seconds each).
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import bilevel
+import debora
+from debora.train import train
+from debora.train.budget import scheduled_count, smallest_beyond
+from test_train_tiny import one_thread, tiny_config  # noqa: F401  (autouse fixture)
+
+
+# -- the schedule ---------------------------------------------------------------------------------
+def test_schedule_is_monotone_and_hits_its_ends():
+    ks = [scheduled_count(n, 100, 96, 24, 0.1, 0.6) for n in range(101)]
+    assert ks[0] == ks[10] == 96                  # before prune_start: everything
+    assert all(a >= b for a, b in zip(ks, ks[1:]))
+    assert ks[60] == ks[100] == 24                # from prune_end on: the target
+    assert scheduled_count(50, 100, 8, 16, 0.1, 0.6) == 8     # a target above R0 never prunes
+
+
+def test_smallest_beyond_never_takes_protected_or_dead():
+    s = torch.tensor([0.5, 0.1, 0.3, 0.001, 0.2], dtype=torch.float64)
+    alive = torch.tensor([True, True, True, False, True])
+    protected = torch.tensor([False, True, False, False, False])
+    out = smallest_beyond(s, alive, keep=2, protected=protected)
+    # 4 alive, keep 2: remove the two smallest unprotected live ones (0.2 and 0.3), not 0.1 (protected)
+    assert out.tolist() == [False, False, True, False, True]
+
+
+def test_target_rank_validation():
+    from debora.train import TrainConfig
+    with pytest.raises(ValueError, match="target_rank"):
+        TrainConfig(target_rank=0)
+    with pytest.raises(ValueError, match="target_rank"):
+        TrainConfig(init_rank=4, target_rank=5)
+    with pytest.raises(ValueError, match="prune_start"):
+        TrainConfig(prune_start=0.7, prune_end=0.6)
+
+
+# -- training with a rank budget ----------------------------------------------------------------------
+def _run(tmp_path, name, **kw):
+    values = dict(epochs=4.0, eval_every=0, truncate_from=0.1, output_dir=str(tmp_path / name),
+                  estimator="first-order", fw_step="constant", fw_step_size=0.05, budget="per_layer")
+    values.update(kw)
+    return train(tiny_config(tmp_path, **values))
+
+
+@pytest.mark.slow
+def test_final_size_is_monotone_in_the_budget_and_lands_on_it(tmp_path):
+    sizes, ranks = [], []
+    layers = 12                                  # tiny BERT: 2 blocks x 6 Linear layers
+    for target in (1, 2, 3):
+        res = _run(tmp_path, f"t{target}", basis="oblique", init_s=0.01, target_rank=float(target))
+        sizes.append(res.summary["adapter_end"])
+        ranks.append(res.summary["rank_end"])
+        # the count lands on the budget (a per-layer budget keeps >= 1 per layer: never below 12)
+        assert res.summary["rank_end"] == max(target * layers, layers)
+        assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    assert sizes[0] < sizes[1] < sizes[2]
+    assert ranks[0] < ranks[1] < ranks[2]
+
+
+@pytest.mark.parametrize("target_rank", [None, 2.0])
+def test_components_without_signal_reach_the_floor_and_are_truncated(tmp_path, target_rank):
+    """Components 0 and 1 of every layer get no hypergradient signal (g_i = 0), the others a negative
+    one (growing them lowers F). Frank-Wolfe moves the budget to the components with signal: every FW
+    step scales the other weights by 1 − γ, and a signal-free component is its block's away vertex
+    (g_i = 0 > g_j), so drop steps put it exactly at the floor. Both with the paper's rule alone
+    (target_rank=None: removed at ε) and with the count budget (smallest s first), they are truncated
+    and the components with signal stay."""
+    from debora.train.loop import Trainer
+    from debora.train.run import prepare, resolve_device
+
+    class Signal:
+        name = "synthetic"
+
+        def __call__(self, problem, x, y, upper_batch, lower_batch):
+            lay = trainer_box[0]._state_layout
+            gen = torch.Generator().manual_seed(len(calls))
+            calls.append(1)
+            grad = {}
+            for k, v in x.items():
+                ids = torch.tensor(lay.ids[k])
+                noise = 1.0 + torch.rand(v.shape, generator=gen, dtype=v.dtype)
+                grad[k] = torch.where(ids < 2, torch.zeros_like(v), -noise)
+            # the trainer reads only .grad and .info.upper_value of an estimator's result
+            return SimpleNamespace(grad=grad, info=SimpleNamespace(upper_value=None))
+
+    calls, trainer_box = [], []
+    cfg = tiny_config(tmp_path, epochs=4.0, eval_every=0, truncate_from=0.1, fw_step="constant",
+                      fw_step_size=0.1, budget="per_layer", basis="oblique", init_s=0.05,
+                      target_rank=target_rank, output_dir=str(tmp_path / f"dead{target_rank}"))
+    model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
+    trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"), estimator=Signal())
+    trainer_box.append(trainer)
+    state = trainer.train(progress=False)
+    survivors = {n[:-2]: set(v) for n, v in state.layout.ids.items()}
+    assert all(not (ids & {0, 1}) for ids in survivors.values()), survivors
+    if target_rank is not None:
+        assert sum(len(v) for v in survivors.values()) == 2 * len(survivors)
+
+
+# -- rank 0 under a global budget ---------------------------------------------------------------------
+def _tiny_bert(dropout=0.0):
+    torch.manual_seed(0)
+    # eager attention: CPU SDPA has no forward-mode AD rule, and cg below uses jvp-based products
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout, attn_implementation="eager"))
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, 50, (6, 8), generator=g), "labels": torch.randint(0, 2, (6,), generator=g)}
+
+
+def _loss(out, batch):
+    return torch.nn.functional.cross_entropy(out.logits, batch["labels"])
+
+
+@pytest.mark.parametrize("basis", ["euclidean", "oblique"])
+def test_layer_at_rank_zero_under_global_budget_trains_saves_loads_exports(tmp_path, basis):
+    cfg = debora.DeboraConfig(target_modules=["query", "value"], init_rank=3, tau=2.0, eps=1e-3,
+                              budget="global", basis=basis, modules_to_save=["classifier"], init_seed=0)
+    model = debora.inject(_tiny_bert(), cfg)
+    if basis == "euclidean":   # give U a value so that the adapter does something
+        with torch.no_grad():
+            for layer in debora.adapter_layers(model).values():
+                layer.U.normal_(0, 0.1)
+    name = "bert.encoder.layer.0.attention.self.query"
+    with torch.no_grad():
+        debora.adapter_layers(model)[name].s.fill_(cfg.eps)
+    debora.truncate(model, atol=0.0)
+    assert debora.rank_pattern(model)[name] == 0
+    problem, x, y = debora.bilevel_problem(model, _loss)
+    assert all(v.numel() for v in x.values()) and all(v.numel() for v in y.values())
+    for est in ("first-order", "debora-closed-form", "cg"):
+        res = bilevel.estimators.get(est, **({"damping": 1e-3} if est == "cg" else {}))(
+            problem, x, y, _batch(0), _batch(1))
+        assert set(res.grad) == set(x) and all(torch.isfinite(g).all() for g in res.grad.values())
+    # a lower step still trains the other layers
+    opt = torch.optim.SGD(list(debora.lower_parameters(model).values()), lr=0.1)
+    _loss(model(input_ids=_batch()["input_ids"]), _batch()).backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        ref = model(input_ids=_batch()["input_ids"]).logits
+    debora.save_pretrained(model, str(tmp_path / "ad"))
+    loaded = debora.from_pretrained(_tiny_bert(), str(tmp_path / "ad")).eval()
+    assert debora.rank_pattern(loaded)[name] == 0
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=_batch()["input_ids"]).logits, ref)
+    debora.export_peft(model, str(tmp_path / "peft"))
+    assert os.path.isfile(tmp_path / "peft" / "adapter_config.json")
+    merged = debora.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=_batch()["input_ids"]).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_global_budget_run_survives_rank_zero_layers(tmp_path):
+    res = _run(tmp_path, "glob", basis="oblique", init_s=0.01, budget="global", target_rank=0.5,
+               init_rank=2, tau=2.0)
+    ranks = debora.rank_pattern(res.model)
+    assert 0 in ranks.values() and sum(ranks.values()) >= 1
+    assert os.path.isdir(os.path.join(res.output_dir, "adapter"))
+
+
+# -- dropout is off during the hypergradient ------------------------------------------------------------
+def test_dropout_is_off_during_the_hypergradient(tmp_path):
+    from debora.train.loop import Trainer
+    seen = []
+
+    class Spy:
+        name = "spy"
+
+        def __call__(self, problem, x, y, upper_batch, lower_batch):
+            seen.append(trainer.model.training)
+            g = bilevel.estimators.get("first-order")(problem, x, y, upper_batch, lower_batch)
+            # the same batch twice gives the same gradient only without dropout
+            g2 = bilevel.estimators.get("first-order")(problem, x, y, upper_batch, lower_batch)
+            seen.append(all(torch.equal(g.grad[k], g2.grad[k]) for k in g.grad))
+            return g
+
+    from debora.train.run import prepare, resolve_device
+    cfg = tiny_config(tmp_path, max_iterations=2, eval_every=0, truncate_from=-1, estimator="first-order")
+    model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
+    for m in model.modules():                    # switch dropout on in the base model
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"), estimator=Spy())
+    trainer.train(progress=False)
+    assert seen and seen[0::2] == [False] * (len(seen) // 2)
+    assert all(seen[1::2])
+    assert model.training            # the lower level goes on in train mode
+
+
+def test_a_single_small_gap_does_not_freeze_s(tmp_path):
+    from debora.train.loop import Trainer, TrainState
+    from debora.train.run import prepare, resolve_device
+    cfg = tiny_config(tmp_path, max_iterations=1, eval_every=0, truncate_from=-1, gap_tol=1e-3,
+                      gap_patience=3, estimator="first-order")
+    model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
+    trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"))
+    state = trainer.init_state()
+    small = {k: torch.zeros_like(v) for k, v in debora.upper_parameters(model).items()}   # gap 0
+    big = {k: -torch.ones_like(v) for k, v in debora.upper_parameters(model).items()}
+    for g, frozen in ((small, False), (big, False), (small, False), (small, False), (small, True)):
+        trainer.fw_update(state, g)
+        assert state.s_frozen is frozen
