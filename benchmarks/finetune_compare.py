@@ -237,11 +237,18 @@ def _key(rec):
             float(rec["lr"]))
 
 
-def _load(path):
-    if path and os.path.isfile(path):
-        with open(path) as fh:
-            return json.load(fh)
-    return []
+def _load(paths):
+    out = []
+    for path in paths:
+        if path and os.path.isfile(path):
+            with open(path) as fh:
+                out.extend(json.load(fh))
+    return out
+
+
+def family(method: str) -> str:
+    """Methods that share one tuned lr: every ``lora-rN`` is ``lora``."""
+    return "lora" if method.startswith("lora-r") else method
 
 
 def _save(path, records):
@@ -251,7 +258,7 @@ def _save(path, records):
     os.replace(tmp, path)
 
 
-def _run(spec, records, path):
+def _run(spec, records, path, written):
     key = _key(dict(spec, setting=spec["setting"]))
     for r in records:
         if _key(r) == key:
@@ -268,8 +275,9 @@ def _run(spec, records, path):
            "phase": spec.get("phase", "report"), "lr": spec["lr"], "examples": spec["examples"],
            "epochs": spec["epochs"], **res}
     records.append(rec)
+    written.append(rec)
     if path:
-        _save(path, records)
+        _save(path, written)
     print(f"{tag} acc {100 * rec['acc']:.2f}% params {rec['params']:,} adapter {rec['adapter_params']:,} "
           f"wall {rec['wall']:.0f}s", file=sys.stderr, flush=True)
     return rec
@@ -408,7 +416,12 @@ def main(argv=None) -> int:
     ap.add_argument("--debora", default="{}", help="JSON dict of extra dEBORA TrainConfig overrides")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default="benchmarks/results/fronts.json")
+    ap.add_argument("--json", default="benchmarks/results/fronts.json",
+                    help="records file (written); more comma-separated files are read too (e.g. the "
+                         "parts of a campaign run as several processes)")
+    ap.add_argument("--phase", default="all", choices=("all", "tune", "report"),
+                    help="tune: only the lr protocol; report: only the reported runs (lrs from the "
+                         "tuning records in --json files)")
     ap.add_argument("--out", default="benchmarks/results/fronts.md")
     ap.add_argument("--plot-dir", default="benchmarks/results")
     ap.add_argument("--report-only", action="store_true", help="table and plots from --json, no runs")
@@ -422,10 +435,12 @@ def main(argv=None) -> int:
     args.adalora_target_rs = [int(v) for v in args.adalora_target_rs.split(",") if v]
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
-    for p in (args.json, args.out):
+    json_files = [p for p in args.json.split(",") if p]
+    for p in (json_files[0], args.out):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-    records = _load(args.json)
-    runs_dir = os.path.join(os.path.dirname(os.path.abspath(args.json)), "runs")
+    written = _load(json_files[:1])
+    records = _load(json_files)
+    runs_dir = os.path.join(os.path.dirname(os.path.abspath(json_files[0])), "runs")
     base = dict(examples=args.examples, eval_examples=args.eval_examples, epochs=args.epochs,
                 batch_size=args.batch_size, max_length=args.max_length, image_size=args.image_size,
                 text_column=args.text_column, label_column=args.label_column,
@@ -441,27 +456,43 @@ def main(argv=None) -> int:
     lrs = {}
     if not args.report_only:
         grid = [args.lr] if args.lr is not None else [float(v) for v in args.lr_grid.split(",") if v]
-        for method in methods:            # the tuning protocol, the same for every method
+        # the tuning protocol, the same for every method family: its middle setting (lora: the middle
+        # requested rank), every lr of the grid, on the first task and the tuning seed
+        fams = {}
+        for method in methods:
+            fams.setdefault(family(method), []).append(method)
+        for fam, members in fams.items():
+            if len(grid) == 1:
+                lrs[fam] = grid[0]
+                continue
+            method = members[len(members) // 2]
             sets = settings_of(method, args)
             mid = sets[len(sets) // 2]
-            if len(grid) == 1:
-                lrs[method] = grid[0]
-                continue
             scores = []
             for lr in grid:
-                rec = _run(spec(tasks[0], method, mid, args.tune_seed, lr, "tune"), records, args.json)
+                s = spec(tasks[0], method, mid, args.tune_seed, lr, "tune")
+                rec = (_run(s, records, json_files[0], written) if args.phase in ("all", "tune") else
+                       next((r for r in records if _key(r) == _key(s)), None))
                 if rec is not None:
                     scores.append((rec["acc"], -lr, lr))
-            lrs[method] = max(scores)[2] if scores else grid[0]
-            print(f"[tune] {method}: lr {lrs[method]:g} (grid {grid}, on {tasks[0]} seed {args.tune_seed}, "
-                  f"setting {mid[0]})", file=sys.stderr, flush=True)
-        for seed in range(args.seeds):    # seed-major: a partial campaign still covers every method
-            for task in tasks:
-                for method in methods:
-                    for setting in settings_of(method, args):
-                        if method == "adalora" and task == "fashion-mnist":
-                            continue      # PEFT's AdaLoRA has no Conv2d support
-                        _run(spec(task, method, setting, seed, lrs[method], "report"), records, args.json)
+            if args.phase == "tune":
+                continue
+            if len(scores) < len(grid):
+                raise SystemExit(f"lr tuning of {fam} is incomplete ({len(scores)} of {len(grid)} runs in "
+                                 f"{json_files}); run --phase tune first")
+            lrs[fam] = max(scores)[2]
+            print(f"[tune] {fam}: lr {lrs[fam]:g} (grid {grid}, on {tasks[0]} seed {args.tune_seed}, "
+                  f"{method} {mid[0]}; accuracies {[round(100 * a, 2) for a, _, _ in scores]})",
+                  file=sys.stderr, flush=True)
+        if args.phase in ("all", "report"):
+            for seed in range(args.seeds):    # seed-major: a partial campaign still covers every method
+                for task in tasks:
+                    for method in methods:
+                        for setting in settings_of(method, args):
+                            if method == "adalora" and task == "fashion-mnist":
+                                continue      # PEFT's AdaLoRA has no Conv2d support
+                            _run(spec(task, method, setting, seed, lrs[family(method)], "report"), records,
+                                 json_files[0], written)
     text = table(records, tasks) + "\n\n" + "\n".join(verdicts(records, tasks)) + "\n"
     plots = plot_fronts(records, tasks, args.plot_dir)
     with open(args.out, "w") as fh:

@@ -41,7 +41,8 @@ def test_target_rank_validation():
     with pytest.raises(ValueError, match="target_rank"):
         TrainConfig(target_rank=0)
     with pytest.raises(ValueError, match="target_rank"):
-        TrainConfig(init_rank=4, target_rank=5)
+        TrainConfig(target_rank=float("nan"))
+    assert TrainConfig(init_rank=4, target_rank=5).target_rank == 5      # >= init_rank: never prunes
     with pytest.raises(ValueError, match="prune_start"):
         TrainConfig(prune_start=0.7, prune_end=0.6)
 
@@ -49,7 +50,8 @@ def test_target_rank_validation():
 # -- training with a rank budget ----------------------------------------------------------------------
 def _run(tmp_path, name, **kw):
     values = dict(epochs=4.0, eval_every=0, truncate_from=0.1, output_dir=str(tmp_path / name),
-                  estimator="first-order", fw_step="constant", fw_step_size=0.05, budget="per_layer")
+                  estimator="first-order", fw_step="constant", fw_step_size=0.05, budget="per_layer",
+                  split="same")
     values.update(kw)
     return train(tiny_config(tmp_path, **values))
 
@@ -218,3 +220,37 @@ def test_a_single_small_gap_does_not_freeze_s(tmp_path):
     for g, frozen in ((small, False), (big, False), (small, False), (small, False), (small, True)):
         trainer.fw_update(state, g)
         assert state.s_frozen is frozen
+
+
+# -- exact resume in the default regime (fused first-order, count budget) -------------------------------
+@pytest.mark.slow
+def test_resume_in_the_default_regime_reproduces_the_run(tmp_path):
+    from debora.train.metrics import read_metrics
+    kw = dict(epochs=2.0, max_iterations=12, basis="oblique", init_s=0.01, tau=1.0, target_rank=2.0,
+              split="same", estimator="first-order", fw_step="constant", fw_step_size=0.05,
+              budget="per_layer", truncate_from=0.1, eval_every=0, checkpoint_every=5)
+    a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
+    assert a.trainer.fused
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_5(trainer, state, extra):
+        if state.iteration == 5:
+            raise Stop
+
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
+    with pytest.raises(Stop):
+        train(cfg, callback=stop_at_5)
+    b = train(cfg.replace(resume="auto"))
+    ra = [r for r in read_metrics(os.path.join(a.output_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    rb = [r for r in read_metrics(os.path.join(b.output_dir, "metrics.jsonl")) if r["kind"] == "train"]
+    rb = {r["iteration"]: r for r in rb}          # iterations 1-5 are logged before the stop
+    for x in ra:
+        y = rb[x["iteration"]]
+        assert x["ranks"] == y["ranks"]
+        for layer in x["s"]:
+            assert x["s"][layer] == y["s"][layer]
+    for (ka, va), (kb, vb) in zip(debora.lower_parameters(a.model).items(),
+                                  debora.lower_parameters(b.model).items()):
+        assert ka == kb and torch.equal(va, vb)

@@ -65,7 +65,11 @@ def tiny_config(tmp_path, **overrides):
     values = dict(model=model_dir, dataset=data, text_column="sentence", label_column="sentiment",
                   init_rank=4, tau=4.0, eps=1e-3, lr=3e-2, epochs=10.0, batch_size=16, max_length=16,
                   eval_every=5, output_dir=str(tmp_path / "run"), progress=False, plots=False,
-                  truncate_from=5, seed=0, device="cpu")
+                  truncate_from=5, seed=0, device="cpu",
+                  # the algorithm these tests were written for (the paper's, with the D1/D2 halves);
+                  # test_rank_selection.py covers the default regime
+                  estimator="debora-closed-form", budget="global", basis="euclidean", split="halves",
+                  fw_step="short", fw_lipschitz=10.0, init_s=None, target_rank=None)
     values.update(overrides)
     return TrainConfig(**values)
 
