@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     tr.add_argument("--export-peft", dest="export_peft", action="store_true", default=None,
                     help="also export the adapter as a PEFT LoRA adapter (output-dir/peft)")
+    tr.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                    help="replace the outputs of an earlier run in --output-dir (default: refuse a "
+                         "non-empty output directory unless --resume is given)")
+    tr.add_argument("--allow-many-classes", dest="allow_many_classes", action="store_true", default=None,
+                    help="accept a label column with more distinct values than half the rows (by default "
+                         "refused: it looks like an ID or text column)")
     tr.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     tr.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                     help="no progress bar")
@@ -127,7 +133,7 @@ def config_from_args(args) -> "TrainConfig":
         v = getattr(args, dest)
         if v is not None:
             values[dest] = _split_list(v) if dest in LIST_FIELDS else v
-    for dest in ("export_peft", "plots", "progress"):
+    for dest in ("export_peft", "plots", "progress", "overwrite", "allow_many_classes"):
         v = getattr(args, dest)
         if v is not None:
             values[dest] = v
@@ -155,6 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FloatingPointError as err:
         print(f"debora train: aborted: {err}", file=sys.stderr)
         return 3
+    except OSError as err:
+        print(f"debora train: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("debora train: interrupted (the last checkpoint, if any, is intact; resume with "
               "--resume auto)", file=sys.stderr)
