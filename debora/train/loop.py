@@ -511,6 +511,12 @@ class Trainer:
                                         rank=rec["total_rank"], refresh=False)
                 if (cfg.eval_every and state.iteration % cfg.eval_every == 0) or last:
                     ev = self.evaluate()
+                    if not math.isfinite(ev["eval_loss"]):   # finite parameters, non-finite outputs
+                        raise NonFiniteError(
+                            f"aborting at iteration {state.iteration}: the evaluation loss is "
+                            f"{ev['eval_loss']} (the model's outputs overflow); lower the learning rate (lr="
+                            f"{cfg.lr}, head_lr={cfg.head_lr}). Nothing non-finite was saved: the last "
+                            "checkpoint (if any) is untouched")
                     best = state.history.get("eval_best")
                     if best is None or ev["eval_acc"] > best["eval_acc"]:
                         state.history["eval_best"] = dict(ev, iteration=state.iteration)
