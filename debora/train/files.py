@@ -96,7 +96,7 @@ def _check_json(path: str) -> None:
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as err:
             raise ValueError(f"dataset file {path!r}, line {n}: invalid JSON ({err.msg}, column {err.colno})"
                              "; each line must be one JSON object") from None

@@ -4,7 +4,7 @@ Output directory layout::
 
     <output_dir>/config.json        the resolved TrainConfig
     <output_dir>/metrics.jsonl      one JSON object per logged iteration / evaluation
-    <output_dir>/checkpoint/        exact resume point (see debora.train.checkpoint)
+    <output_dir>/checkpoint/        exact, verified resume point (see debora.train.checkpoint)
     <output_dir>/adapter/           debora.save_pretrained (reload with debora.from_pretrained)
     <output_dir>/peft/              PEFT LoRA export (if export_peft)
     <output_dir>/summary.md|json    the summary table
