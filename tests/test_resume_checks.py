@@ -93,7 +93,9 @@ EDITS = {
     "offset past split": (lambda m: m["samplers"]["d2"].update(offset=10 ** 6), "'offset' must be <="),
     "rank/layout": (lambda m: m["ranks"].update({next(iter(m["ranks"])): 99}), "has rank 99"),
     "labels": (lambda m: m.update(labels=["a", "b"]), "trained on the classes"),
-    "fw x": (lambda m: m["fw_layout"]["__dict__"].pop("x"), "Frank-Wolfe state does not match"),
+    "fw x": (lambda m: m["fw_layout"]["__dict__"].pop("x"), "Frank-Wolfe state must have the fields"),
+    "fw n": (lambda m: m["fw_layout"]["__dict__"].update(n=-1), "'n' must be an integer >= 0"),
+    "history": (lambda m: m["history"].update(eval_start=3), "'history.eval_start' must be an object"),
     "optimizer key": (lambda m: m["optimizer"]["step_scalar"].update({"nope|step": 1}), "names no lower"),
 }
 
@@ -143,3 +145,32 @@ def test_explicit_resume_path_must_exist(first_run, tmp_path):
     with pytest.raises(ValueError, match="no checkpoint there"):
         train(cfg.replace(resume=str(tmp_path / "nowhere")))
     assert ckpt.resolve(os.path.join(out, "checkpoint")) is not None
+
+
+def _edit_tensors(out, name, fn, tmp_path):
+    from safetensors.torch import load_file, save_file
+    ck = os.path.join(out, "checkpoint")
+    tensors = load_file(os.path.join(ck, name))
+    fn(tensors)
+    tmp = os.path.join(str(tmp_path), "t.safetensors")
+    save_file(tensors, tmp)
+    rewrite(ck, name, open(tmp, "rb").read())
+
+
+@pytest.mark.parametrize("name, edit, match", [
+    ("fw.safetensors", lambda t: t["fw.weights"].mul_(2.0), "weights do not combine to x"),
+    ("fw.safetensors", lambda t: t.update({"fw.weights": t["fw.weights"][:-1].clone()}),
+     "weights do not fit the feasible set"),
+    ("fw.safetensors", lambda t: t["fw.x"].add_(0.5), "weights do not combine to x"),
+    ("model.safetensors", lambda t: [v.add_(0.25) for k, v in t.items() if k.endswith(".s")],
+     "saved s differ from the Frank-Wolfe iterate"),
+    ("model.safetensors", lambda t: next(v for k, v in t.items() if k.endswith(".U")).view(-1).__setitem__(
+        0, float("nan")), "model.safetensors holds NaN/Inf"),
+])
+def test_inconsistent_tensors_are_refused(first_run, tmp_path, name, edit, match):
+    cfg, out = _copy(first_run, tmp_path)
+    _edit_tensors(out, name, edit, tmp_path)
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=match):
+        train(cfg)
+    assert _snapshot(out) == before

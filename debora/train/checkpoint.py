@@ -18,7 +18,7 @@ directories of a killed write are removed by the next :func:`save` or :func:`loa
 
 Reading (:func:`load`) refuses, with a ``ValueError`` naming the file: a missing manifest, another
 format or version, a missing file, a size or SHA-256 mismatch, unreadable safetensors or JSON, a
-missing tensor group.
+missing tensor group, NaN/Inf tensors.
 
 No code is run while reading: tensors come from safetensors; ``state.json`` is plain JSON. Solver
 states (dataclasses / NamedTuples such as the Frank-Wolfe step rule's state) are stored by
@@ -240,6 +240,11 @@ def load(path: str, required: Iterable[str] = FILES
             tensors[name[:-len(".safetensors")]] = load_file(f)
         except Exception as err:   # safetensors raises its own error type for malformed headers
             raise ValueError(f"{f} is not a readable safetensors file ({err})") from None
+    for group, tree in tensors.items():
+        bad = nonfinite_names(tree)
+        if bad:
+            raise ValueError(f"{os.path.join(found, group + '.safetensors')} holds NaN/Inf values (e.g. "
+                             f"{bad[:3]}); refusing to resume from it")
     meta = _read_json(os.path.join(found, STATE), "the checkpoint state")
     if not isinstance(meta, dict):
         raise ValueError(f"{os.path.join(found, STATE)} must hold a JSON object, got "

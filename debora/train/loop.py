@@ -382,6 +382,11 @@ class Trainer:
                                   lower=list(debora.lower_parameters(self.model)),
                                   split_sizes={"d1": len(self.d1), "d2": len(self.d2), "d2_est": len(self.d2)},
                                   label_names=self.label_names)
+        layout = SLayout.from_state(meta["layout"])
+        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,
+                                         where=f"{path}/state.json fw_layout")
+        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
+        resume_checks.check_fw(fw_fields, S, layout, tensors["model"], path)
         # adapters back to the saved ranks, then the saved values
         layers = debora.adapter_layers(self.model)
         for name, r in meta["ranks"].items():
@@ -414,17 +419,9 @@ class Trainer:
         for key, val in meta["optimizer"]["step_scalar"].items():
             pname, field_ = key.split("|", 1)
             optimizer.state[named[pname]][field_] = val
-        layout = SLayout.from_state(meta["layout"])
         if not self._user_fw:
             self._fw_solver = None      # rebuilt for the checkpoint's (possibly truncated) layout
         from bilevel.frank_wolfe import FWState
-        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,
-                                         where=f"{path}/state.json fw_layout")
-        if not isinstance(fw_fields, dict) or set(fw_fields) != {"x", "weights", "n", "rule_state"} or \
-                not torch.is_tensor(fw_fields["x"]) or fw_fields["x"].shape != (layout.total,):
-            raise ValueError(f"{path}/state.json: the Frank-Wolfe state does not match the s layout "
-                             f"({layout.total} entries); the checkpoint is corrupted or edited")
-        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
         fw_state = FWState(set=S, **fw_fields)
         self.make_fw(layout)
         cfg = self.cfg

@@ -9,6 +9,9 @@
   layout consistent with ranks, ...), the tensor groups cover exactly the model's trainable
   parameters, the optimizer state names existing parameters, and the label names match this run's.
 
+* :func:`check_fw` — the Frank-Wolfe state: its fields, ``x`` of the layout's size, barycentric
+  weights >= 0 that combine to ``x`` in the feasible set, and ``x`` equal to the saved ``s``.
+
 Each refusal is a ``ValueError`` naming the file and the field.
 """
 from __future__ import annotations
@@ -103,7 +106,10 @@ def check_state(meta: Dict[str, Any], tensors: Dict[str, Dict[str, Any]], path: 
     elapsed = _get(meta, "elapsed", where, (int, float), "a number >= 0")
     if elapsed < 0:
         _fail(where, "elapsed", "a number >= 0", elapsed)
-    _get(meta, "history", where, (dict,), "an object")
+    history = _get(meta, "history", where, (dict,), "an object")
+    for key in ("eval_start", "eval_end", "eval_best", "counts_start", "ranks_start"):
+        if key in history and not isinstance(history[key], dict):
+            _fail(where, f"history.{key}", "an object", history[key])
     _get(meta, "fw_layout", where, (dict,), "an object (the Frank-Wolfe state layout)")
     ranks = _get(meta, "ranks", where, (dict,), "an object of adapter name -> rank")
     for name, r in ranks.items():
@@ -165,3 +171,35 @@ def check_state(meta: Dict[str, Any], tensors: Dict[str, Dict[str, Any]], path: 
     if label_names is not None and "labels" in meta and list(meta["labels"]) != list(label_names):
         raise ValueError(f"{where}: the checkpoint was trained on the classes {meta['labels'][:8]}, this "
                          f"run's data has {list(label_names)[:8]}; resume on the same data")
+
+
+def check_fw(fields: Any, feasible, layout, model_tensors: Dict[str, Any], path: str) -> None:
+    """The rebuilt Frank-Wolfe state ``fields`` (x, weights, n, rule_state) is consistent with the
+    feasible set, the s layout and the saved s (``model_tensors``), before any of it is used."""
+    import torch
+    where = os.path.join(path, "state.json") + " fw_layout"
+    if not isinstance(fields, dict) or set(fields) != {"x", "weights", "n", "rule_state"}:
+        raise ValueError(f"{where}: the Frank-Wolfe state must have the fields x, weights, n, rule_state; "
+                         "the checkpoint is corrupted or edited")
+    x, w, n = fields["x"], fields["weights"], fields["n"]
+    if not (torch.is_tensor(x) and torch.is_tensor(w) and x.is_floating_point() and w.is_floating_point()):
+        raise ValueError(f"{where}: x and weights must be floating-point tensors")
+    if x.shape != (layout.total,):
+        raise ValueError(f"{where}: x has shape {tuple(x.shape)}, the s layout needs ({layout.total},); the "
+                         "checkpoint is corrupted or edited")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        _fail(where, "n", "an integer >= 0", n)
+    try:
+        combined = feasible.combine(w.to(device=x.device, dtype=x.dtype))
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"{where}: the barycentric weights do not fit the feasible set ({err})") from None
+    tol = 1e-5 * max(1.0, float(x.abs().max())) if x.numel() else 0.0
+    if bool((w < 0).any()) or (x.numel() and float((combined - x).abs().max()) > tol):
+        raise ValueError(f"{where}: the weights do not combine to x (or are negative); the checkpoint is "
+                         "corrupted or edited")
+    if x.numel():
+        s = torch.cat([model_tensors[name].reshape(-1).to(device=x.device, dtype=x.dtype)
+                       for name in layout.names])
+        if float((s - x).abs().max()) > tol:
+            raise ValueError(f"{os.path.join(path, 'model.safetensors')}: the saved s differ from the "
+                             "Frank-Wolfe iterate x in fw.safetensors; the checkpoint is corrupted or edited")
