@@ -172,3 +172,41 @@ def test_json_array_and_gz(tmp_path):
     g.write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="cannot be read"):
         load_text(_cfg(g))
+
+
+# -- fuzz: any CSV either loads into usable data or is refused naming the file ------------------------
+cells = st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8),
+                  st.sampled_from(["", "pos", "neg", "0", "1", "1.5", "nan", "3", "1000000", "a,b", '"q"']),
+                  st.integers(-3, 3).map(str))
+
+
+labels_col = st.one_of(st.sampled_from(["pos", "neg"]), st.sampled_from(["0", "1", "2"]), cells)
+
+
+@given(header=st.sampled_from([["sentence", "sentiment"], ["sentiment", "sentence"], ["sentence"],
+                               ["sentence", "sentiment", "extra"]]), data=st.data(),
+       ragged=st.booleans(), junk=st.one_of(st.none(), st.none(), st.binary(min_size=1, max_size=6)))
+def test_fuzz_csv_loads_usable_data_or_is_refused_naming_the_file(tmp_path_factory, header, data, ragged,
+                                                                  junk):
+    import io
+    row = st.fixed_dictionaries({h: labels_col if h == "sentiment" else cells for h in header}).map(
+        lambda r: [r[h] for h in header])
+    if ragged:      # rows of any width
+        row = st.lists(cells, min_size=1, max_size=3)
+    rows = data.draw(st.lists(row, max_size=30), label="rows")
+    path = tmp_path_factory.mktemp("csvfuzz") / "d.csv"
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    data = buf.getvalue().encode("utf-8") + (junk or b"")
+    path.write_bytes(data)
+    try:
+        raw = load_text(_cfg(path))
+    except ValueError as err:
+        assert str(path) in str(err) and "\n" not in str(err), str(err)
+        return
+    k = len(raw.label_names)
+    assert k >= 2 and len(raw) >= 2 and k <= max(2, len(raw) // 2)
+    assert sorted(set(raw.labels.tolist())) == list(range(k))
+    assert all(t.strip() for t in raw.texts)
