@@ -125,6 +125,9 @@ def test_training_reports_classes_and_drops(tmp_path):
     assert res.summary["labels"] == {"neg": 32, "pos": 31} or sum(res.summary["labels"].values()) == 63
     assert set(res.summary["labels"]) == {"neg", "pos"} and res.summary["dropped_empty_texts"] == 1
     assert res.model.config.id2label == {0: "neg", 1: "pos"}
+    saved = json.load(open(f"{res.output_dir}/labels.json"))
+    assert saved["names"] == ["neg", "pos"] and saved["train_counts"] == res.summary["labels"]
+    assert saved["dropped_empty_texts"] == 1
 
 
 # -- unreadable files ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import shutil
 from typing import List
 
 # what a run writes (see debora.train.run); ``overwrite`` removes exactly these
-ARTEFACTS = ("config.json", "metrics.jsonl", "metrics.jsonl.tmp", "summary.md", "summary.json",
+ARTEFACTS = ("config.json", "labels.json", "metrics.jsonl", "metrics.jsonl.tmp", "summary.md", "summary.json",
              "checkpoint", "checkpoint.old", "adapter", "peft", "ranks.png", "s_trajectories.png",
              "fw_gap.png", "curves.png")
 

@@ -3,6 +3,7 @@
 Output directory layout::
 
     <output_dir>/config.json        the resolved TrainConfig
+    <output_dir>/labels.json        class names in index order (label values mapped to 0..K-1), counts
     <output_dir>/metrics.jsonl      one JSON object per logged iteration / evaluation
     <output_dir>/checkpoint/        exact, verified resume point (see debora.train.checkpoint)
     <output_dir>/adapter/           debora.save_pretrained (reload with debora.from_pretrained)
@@ -160,6 +161,9 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
     # set-up succeeded: from here on the output directory is written
     outdir.claim(out, overwrite=cfg.overwrite and loaded is None)
     _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    _write_json(os.path.join(out, "labels.json"), {"names": list(info["label_names"]),
+                                                   "train_counts": info["label_counts"],
+                                                   "dropped_empty_texts": info["dropped_empty"]})
     metrics_path = os.path.join(out, "metrics.jsonl")
     metrics = MetricsWriter(metrics_path, resume_iteration=None if state is None else state.iteration)
     trainer.metrics = metrics
