@@ -162,6 +162,13 @@ def _edit_tensors(out, name, fn, tmp_path):
     ("fw.safetensors", lambda t: t.update({"fw.weights": t["fw.weights"][:-1].clone()}),
      "weights do not fit the feasible set"),
     ("fw.safetensors", lambda t: t["fw.x"].add_(0.5), "weights do not combine to x"),
+    ("optimizer.safetensors", lambda t: t.pop(next(k for k in sorted(t) if k.endswith("|exp_avg_sq"))),
+     "lacks \\['exp_avg_sq'\\]"),
+    ("optimizer.safetensors", lambda t: t.update({k: v[..., :1].clone() for k, v in t.items()
+                                                  if k.endswith("|exp_avg") and v.ndim == 2}),
+     "must be a tensor of the parameter's shape"),
+    ("optimizer.safetensors", lambda t: t.update({next(iter(sorted(t))).split("|")[0] + "|momentum_buffer":
+                                                  torch.zeros(1)}), "is not an AdamW state field"),
     ("model.safetensors", lambda t: [v.add_(0.25) for k, v in t.items() if k.endswith(".s")],
      "saved s differ from the Frank-Wolfe iterate"),
     ("model.safetensors", lambda t: next(v for k, v in t.items() if k.endswith(".U")).view(-1).__setitem__(

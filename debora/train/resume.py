@@ -91,6 +91,42 @@ def _get(obj: Dict[str, Any], key: str, where: str, types, want: str) -> Any:
     return v
 
 
+ADAMW_FIELDS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+ADAMW_REQUIRED = {"step", "exp_avg", "exp_avg_sq"}
+
+
+def check_optimizer(opt_tensors: Dict[str, Any], scalars: Dict[str, Any], model_tensors: Dict[str, Any],
+                    lower: set, path: str) -> None:
+    """The AdamW state: entries ``"<parameter>|<field>"`` name lower-level parameters and AdamW fields;
+    a parameter with state has at least step, exp_avg and exp_avg_sq; moments have the parameter's
+    shape; step is a number >= 0."""
+    where = os.path.join(path, "optimizer.safetensors")
+    fields: Dict[str, set] = {}
+    for key in list(opt_tensors) + list(scalars):
+        pname, sep, field = key.partition("|")
+        if not sep or pname not in lower:
+            raise ValueError(f"{where}: entry {key!r} names no lower-level parameter of this model; the "
+                             "checkpoint is corrupted or edited")
+        if field not in ADAMW_FIELDS:
+            raise ValueError(f"{where}: entry {key!r}: {field!r} is not an AdamW state field "
+                             f"{sorted(ADAMW_FIELDS)}; the checkpoint is corrupted or edited")
+        fields.setdefault(pname, set()).add(field)
+        value = opt_tensors[key] if key in opt_tensors else scalars[key]
+        if field == "step":
+            number = float(value) if hasattr(value, "numel") and value.numel() == 1 else value
+            if isinstance(number, bool) or not isinstance(number, (int, float)) or not number >= 0:
+                raise ValueError(f"{where}: {key!r} must be a step count >= 0, got {value!r}")
+        elif key not in opt_tensors or (pname in model_tensors
+                                        and tuple(value.shape) != tuple(model_tensors[pname].shape)):
+            raise ValueError(f"{where}: {key!r} must be a tensor of the parameter's shape "
+                             f"{tuple(model_tensors[pname].shape) if pname in model_tensors else '?'}; the "
+                             "checkpoint is corrupted or edited")
+    for pname, have in fields.items():
+        if not ADAMW_REQUIRED <= have:
+            raise ValueError(f"{where}: the AdamW state of {pname!r} lacks {sorted(ADAMW_REQUIRED - have)}; "
+                             "the checkpoint is corrupted or edited")
+
+
 def check_state(meta: Dict[str, Any], tensors: Dict[str, Dict[str, Any]], path: str, *,
                 upper: List[str], lower: List[str], split_sizes: Dict[str, int],
                 label_names: Optional[List[str]] = None) -> None:
@@ -159,11 +195,7 @@ def check_state(meta: Dict[str, Any], tensors: Dict[str, Dict[str, Any]], path: 
                          f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected "
                          f"{extra[:4]}{' ...' if len(extra) > 4 else ''}; resume with the same model and "
                          "target modules")
-    for key in list(tensors.get("optimizer", {})) + list(scal):
-        pname, sep, _ = key.partition("|")
-        if not sep or pname not in lower_set:
-            raise ValueError(f"{os.path.join(path, 'optimizer.safetensors')}: entry {key!r} names no "
-                             "lower-level parameter of this model; the checkpoint is corrupted or edited")
+    check_optimizer(tensors.get("optimizer", {}), scal, tensors.get("model", {}), lower_set, path)
     rng = tensors.get("rng", {})
     if "torch_cpu" not in rng:
         raise ValueError(f"{os.path.join(path, 'rng.safetensors')} lacks 'torch_cpu'; the checkpoint is "
