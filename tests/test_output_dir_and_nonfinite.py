@@ -45,6 +45,19 @@ def test_non_empty_output_dir_is_refused_and_left_as_it_was(earlier, tmp_path):
     assert _snapshot(out) == before
 
 
+def test_resume_auto_without_checkpoint_does_not_wipe_the_dir(earlier, tmp_path):
+    import shutil
+    cfg, out = _clone(earlier, tmp_path)
+    shutil.rmtree(os.path.join(out, "checkpoint"))
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match="--resume auto: output_dir .* has no checkpoint to continue"):
+        train(cfg.replace(resume="auto"))
+    assert _snapshot(out) == before
+    fresh = tmp_path / "fresh"
+    res = train(cfg.replace(resume="auto", output_dir=str(fresh), max_iterations=1))   # empty: starts
+    assert res.state.iteration == 1
+
+
 def test_cli_failed_run_in_used_dir_changes_nothing(earlier, tmp_path, capsys):
     cfg, out = _clone(earlier, tmp_path)
     before = _snapshot(out)

@@ -29,9 +29,10 @@ def _nearest_existing(path: str) -> str:
     return p
 
 
-def check(out: str, *, resume: bool, overwrite: bool) -> None:
+def check(out: str, *, resume: bool, overwrite: bool, no_checkpoint: bool = False) -> None:
     """Refuse (``ValueError``) an output directory that is a file, not writable, or holds an earlier
-    run while neither ``resume`` nor ``overwrite`` is set. Writes nothing."""
+    run while neither ``resume`` nor ``overwrite`` is set (``no_checkpoint``: ``--resume auto`` found
+    no checkpoint to continue, so the directory is treated as for a new run). Writes nothing."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"output_dir {out!r} is a file, not a directory; choose another --output-dir")
     base = _nearest_existing(out)
@@ -40,10 +41,14 @@ def check(out: str, *, resume: bool, overwrite: bool) -> None:
     if not os.access(base, os.W_OK | os.X_OK):
         raise ValueError(f"output_dir {out!r} is not writable ({base!r} denies write access); choose "
                          "another --output-dir or fix its permissions")
-    if os.path.isdir(out) and not resume and not overwrite:
+    if os.path.isdir(out) and (not resume or no_checkpoint) and not overwrite:
         entries = sorted(os.listdir(out))
         if entries:
             shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+            if no_checkpoint:
+                raise ValueError(f"--resume auto: output_dir {out!r} has no checkpoint to continue but is not "
+                                 f"empty ({shown}); pass --overwrite to start over in it, or choose another "
+                                 "--output-dir")
             raise ValueError(f"output_dir {out!r} is not empty ({shown}); pass --resume auto to continue "
                              "the run in it, --overwrite to replace it, or choose another --output-dir")
 

@@ -145,7 +145,8 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
                 raise ValueError(f"--resume {cfg.resume!r}: no checkpoint there (expected a directory "
                                  "written by `debora train`)")
             resume_from = None
-    outdir.check(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    outdir.check(out, resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                 no_checkpoint=cfg.resume == "auto" and resume_from is None)
     loaded, changed = None, []
     if resume_from is not None:
         loaded = ckpt.load(resume_from)
