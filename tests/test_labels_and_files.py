@@ -115,6 +115,14 @@ def test_empty_texts_are_dropped_with_a_count(tmp_path):
         load_text(_cfg(p))
 
 
+def test_missing_label_rows_are_numbered_as_in_the_file(tmp_path):
+    rows = [("", 0), ("text a", 1), ("text b", ""), ("text c", 0), ("text d", 1)] * 2
+    p = _csv(tmp_path / "d.csv", rows)
+    with pytest.warns(UserWarning, match="dropped 2"), \
+            pytest.raises(ValueError, match="2 of 8 rows have no label \\(rows 3, 8,"):
+        load_text(_cfg(p))
+
+
 def test_training_reports_classes_and_drops(tmp_path):
     data = tmp_path / "d.csv"
     rows = list(csv.reader(open(make_dataset(str(tmp_path / "base.csv"), n=80))))

@@ -162,7 +162,7 @@ def _from_table(table, cfg, source: str, label_map: Optional[LabelMap] = None) -
     values = [values[i] for i in idx]
     if label_map is None:
         label_map = (LabelMap.from_names(feat.names) if class_label else
-                     LabelMap.fit(values, source, lcol,
+                     LabelMap.fit(values, source, lcol, rows=(idx + 1).tolist(),
                                   allow_many_classes=bool(getattr(cfg, "allow_many_classes", False))))
     labels = label_map.encode(values, source, lcol)
     texts = [str(raw_texts[i]) for i in idx]

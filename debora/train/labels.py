@@ -83,8 +83,10 @@ class LabelMap:
 
     @classmethod
     def fit(cls, values: Sequence[Any], source: str, column: str = "label", *,
-            max_class_fraction: float = MAX_CLASS_FRACTION, allow_many_classes: bool = False) -> "LabelMap":
-        """The classes present in ``values`` (see the module docstring for what is refused)."""
+            max_class_fraction: float = MAX_CLASS_FRACTION, allow_many_classes: bool = False,
+            rows: Optional[Sequence[int]] = None) -> "LabelMap":
+        """The classes present in ``values`` (see the module docstring for what is refused); ``rows``:
+        the data-row number (from 1) of each value, for messages (default: its position + 1)."""
         vals = list(values)
         where = f"dataset {source!r}, label column {column!r}"
         if not vals:
@@ -96,10 +98,10 @@ class LabelMap:
             kinds.setdefault(kind, []).append(i)
             keys.append(key)
         if "missing" in kinds:
-            rows = kinds["missing"]
-            raise ValueError(f"{where}: {len(rows)} of {len(vals)} rows have no label (rows "
-                             f"{', '.join(str(r + 1) for r in rows[:5])}{' ...' if len(rows) > 5 else ''}, "
-                             "counting from 1 after the header); fill them in or remove those rows")
+            bad = [rows[i] if rows is not None else i + 1 for i in kinds["missing"]]
+            raise ValueError(f"{where}: {len(bad)} of {len(vals)} rows have no label (rows "
+                             f"{', '.join(str(r) for r in bad[:5])}{' ...' if len(bad) > 5 else ''}, "
+                             "counting data rows from 1); fill them in or remove those rows")
         if "other" in kinds:
             raise ValueError(f"{where}: labels must be integers or text, got "
                              f"{type(vals[kinds['other'][0]]).__name__} values like "
