@@ -123,6 +123,20 @@ def test_missing_label_rows_are_numbered_as_in_the_file(tmp_path):
         load_text(_cfg(p))
 
 
+def test_hub_class_labels_keep_their_names_and_unlabelled_rows_are_dropped():
+    import datasets
+    from debora.train.data import _from_table
+    feats = datasets.Features({"sentence": datasets.Value("string"),
+                               "label": datasets.ClassLabel(names=["negative", "positive"])})
+    cfg = TrainConfig(text_column="sentence", label_column="label")
+    train_t = datasets.Dataset.from_dict({"sentence": ["a", "b", "", "d"], "label": [1, 0, 1, 1]}, features=feats)
+    with pytest.warns(UserWarning, match="dropped 1 of 4"):
+        raw = _from_table(train_t, cfg, "glue")
+    assert raw.label_names == ["negative", "positive"] and raw.labels.tolist() == [1, 0, 1]
+    test_t = datasets.Dataset.from_dict({"sentence": ["x", "y"], "label": [-1, -1]}, features=feats)
+    assert len(_from_table(test_t, cfg, "glue", label_map=raw.label_map)) == 0     # GLUE test split
+
+
 def test_training_reports_classes_and_drops(tmp_path):
     data = tmp_path / "d.csv"
     rows = list(csv.reader(open(make_dataset(str(tmp_path / "base.csv"), n=80))))

@@ -149,11 +149,12 @@ def _from_table(table, cfg, source: str, label_map: Optional[LabelMap] = None) -
     if raw_pairs is not None:
         empty |= np.asarray([_empty_text(t) for t in raw_pairs], dtype=bool)
     dropped = int((empty & keep).sum())
-    keep &= ~empty
-    if not keep.any():
+    if len(values) and empty.all():
         raise ValueError(f"dataset {source!r}: every text in column {tcol!r}"
-                         f"{'' if pcol is None else f' or {pcol!r}'} is empty or missing ({len(values)} rows); "
+                         f"{'' if pcol is None else f' or {pcol!r}'} is empty or missing "
+                         f"({len(values)} rows); "
                          "check --text-column")
+    keep &= ~empty
     if dropped:
         warnings.warn(f"dataset {source!r}: dropped {dropped} of {len(values)} rows with an empty or missing "
                       f"text in column {tcol!r}{'' if pcol is None else f' or {pcol!r}'}", UserWarning,
@@ -200,7 +201,8 @@ def load_text(cfg) -> RawData:
             table = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=name, split="train", **kwargs)
         except Exception as err:  # datasets raises many types for malformed files
             cause = root_cause(err)
-            raise ValueError(f"could not read dataset file {name!r}: {type(cause).__name__}: {cause}") from None
+            raise ValueError(f"could not read dataset file {name!r}: {type(cause).__name__}: "
+                             f"{cause}") from None
         if len(table) == 0:
             raise ValueError(f"dataset file {name!r} has no rows")
         return _from_table(table, cfg, name)

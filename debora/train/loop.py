@@ -380,7 +380,8 @@ class Trainer:
         tensors, meta = loaded if loaded is not None else ckpt.load(path)
         resume_checks.check_state(meta, tensors, path, upper=list(debora.upper_parameters(self.model)),
                                   lower=list(debora.lower_parameters(self.model)),
-                                  split_sizes={"d1": len(self.d1), "d2": len(self.d2), "d2_est": len(self.d2)},
+                                  split_sizes={"d1": len(self.d1), "d2": len(self.d2),
+                                               "d2_est": len(self.d2)},
                                   label_names=self.label_names)
         layout = SLayout.from_state(meta["layout"])
         fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,

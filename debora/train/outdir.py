@@ -46,9 +46,9 @@ def check(out: str, *, resume: bool, overwrite: bool, no_checkpoint: bool = Fals
         if entries:
             shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
             if no_checkpoint:
-                raise ValueError(f"--resume auto: output_dir {out!r} has no checkpoint to continue but is not "
-                                 f"empty ({shown}); pass --overwrite to start over in it, or choose another "
-                                 "--output-dir")
+                raise ValueError(f"--resume auto: output_dir {out!r} has no checkpoint to continue but is "
+                                 f"not empty ({shown}); pass --overwrite to start over in it, or choose "
+                                 "another --output-dir")
             raise ValueError(f"output_dir {out!r} is not empty ({shown}); pass --resume auto to continue "
                              "the run in it, --overwrite to replace it, or choose another --output-dir")
 
