@@ -49,7 +49,7 @@ def run_debora(spec) -> dict:
                      seed=spec["seed"], batch_size=spec["batch_size"], lr=spec["lr"],
                      max_length=spec["max_length"], max_eval_examples=spec["eval_examples"],
                      output_dir=spec["output_dir"], progress=False, plots=False, eval_every=0,
-                     threads=spec.get("threads"), device=spec["device"])
+                     threads=spec.get("threads"), device=spec["device"], overwrite=True)
     overrides.update(spec.get("debora", {}))
     cfg = TrainConfig.from_preset(spec.get("preset", "default"), **overrides)
     t0 = time.perf_counter()
