@@ -28,7 +28,7 @@ fashion-mnist:
 	@test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
 demo: $(STAMP)
-	.venv/bin/debora train --preset default --output-dir runs/demo
+	.venv/bin/debora train --preset default --output-dir runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

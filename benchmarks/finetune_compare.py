@@ -70,7 +70,7 @@ def run_debora(spec) -> dict:
     from debora.train import TrainConfig, train
     overrides = _task_config(spec, epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
                              output_dir=spec["output_dir"], progress=False, plots=False, eval_every=0,
-                             threads=spec.get("threads"), device=spec["device"])
+                             threads=spec.get("threads"), device=spec["device"], overwrite=True)
     overrides.update(spec.get("debora", {}))
     overrides.update(spec.get("setting_overrides", {}))
     cfg = TrainConfig.from_preset(spec.get("preset", "default"), **overrides)

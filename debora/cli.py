@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fused-first-order", dest="fused_first_order", action="store_true", default=None,
                     help="with --split same and --estimator first-order: take ∂_s f from the lower "
                          "backward passes (no extra pass per iteration)")
+    tr.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
+                    help="replace the outputs of an earlier run in --output-dir (default: refuse a "
+                         "non-empty output directory unless --resume is given)")
+    tr.add_argument("--allow-many-classes", dest="allow_many_classes", action="store_true", default=None,
+                    help="accept a label column with more distinct values than half the rows (by default "
+                         "refused: it looks like an ID or text column)")
     tr.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     tr.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                     help="no progress bar")
@@ -136,7 +142,7 @@ def config_from_args(args) -> "TrainConfig":
         v = getattr(args, dest)
         if v is not None:
             values[dest] = _split_list(v) if dest in LIST_FIELDS else v
-    for dest in ("export_peft", "plots", "progress", "fused_first_order"):
+    for dest in ("export_peft", "plots", "progress", "fused_first_order", "overwrite", "allow_many_classes"):
         v = getattr(args, dest)
         if v is not None:
             values[dest] = v
@@ -164,6 +170,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FloatingPointError as err:
         print(f"debora train: aborted: {err}", file=sys.stderr)
         return 3
+    except OSError as err:
+        print(f"debora train: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("debora train: interrupted (the last checkpoint, if any, is intact; resume with "
               "--resume auto)", file=sys.stderr)

@@ -3,16 +3,20 @@
     debora.save_pretrained(model, "out/")        # out/debora_config.json, out/adapter_model.safetensors
     model = debora.from_pretrained(base_model, "out/")
 
-``debora_config.json`` holds ``format`` (``"debora-adapter"``), ``format_version`` (currently 1), the
+``debora_config.json`` holds ``format`` (``"debora-adapter"``), ``format_version`` (currently 2), the
 :class:`DeboraConfig`, one entry per adapter layer (class of the base layer, base weight shape, current
 rank, scaling, basis, whether ΔW0 was folded into the base weight), the ``modules_to_save`` names, the
-shape of every stored tensor and the SHA-256 of the weights file. The safetensors file holds, under
+shape of every stored tensor, the SHA-256 of the weights file and (version 2) ``config_sha256``, the
+SHA-256 of the config itself (its canonical JSON without that field), so that an edited or corrupted
+``scaling``, rank or basis is refused like corrupted weights. The safetensors file holds, under
 their model names, every layer's ``s`` and bases, the folded initial factors (``U0``, ``V0`` /
 ``A0`` … ``D0``, oblique/Stiefel only) and the state of ``modules_to_save``.
 
-Loading checks, *before the model is touched*: format and version, the checksum (a corrupted or
-truncated file is refused), that every adapted layer exists in ``base_model`` with the same class and
-weight shape, that every tensor has the recorded shape and there are no missing or extra tensors.
+Saving refuses (``ValueError``) tensors holding NaN or Inf. Loading checks, *before the model is
+touched*: format and version (1 or 2), both checksums (a corrupted or truncated file is refused), that
+every adapted layer exists in ``base_model`` with the same class and weight shape, that ``scaling``
+equals the config's ``alpha / init_rank`` and is finite, that every tensor has the recorded shape and
+is finite, that every ``s`` is >= 0, and that there are no missing or extra tensors.
 Any mismatch raises ``ValueError`` naming the problem. Tensors are cast to the dtype/device of the
 base weights. Saving and loading in the same dtype is bit-exact.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Dict
 
@@ -31,7 +36,8 @@ from .inject import _set_module, get_config, saved_modules
 from .layers import adapter_layers, make_adapter
 
 FORMAT = "debora-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "debora_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -42,6 +48,20 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _config_digest(meta: Dict) -> str:
+    """SHA-256 of the canonical JSON of ``meta`` without its own ``config_sha256`` field."""
+    body = {k: v for k, v in meta.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _nonfinite(tensors: Dict[str, torch.Tensor]) -> list:
+    names = [k for k, v in tensors.items() if v.is_floating_point() and v.numel()]
+    if not names:
+        return []
+    ok = torch.stack([torch.isfinite(tensors[k]).all() for k in names]).tolist()
+    return [k for k, good in zip(names, ok) if not good]
 
 
 def _layer_kind(layer) -> str:
@@ -71,6 +91,10 @@ def save_pretrained(model: nn.Module, path: str) -> None:
         for k, v in model.get_submodule(mname).state_dict().items():
             tensors[f"{mname}.{k}"] = v
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    bad = _nonfinite(tensors)
+    if bad:
+        raise ValueError(f"refusing to save adapters to {path!r}: {len(bad)} tensors hold NaN/Inf (e.g. "
+                         f"{bad[:3]}); nothing was written")
     os.makedirs(path, exist_ok=True)
     wpath = os.path.join(path, WEIGHTS_NAME)
     save_file(tensors, wpath, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -78,6 +102,7 @@ def save_pretrained(model: nn.Module, path: str) -> None:
             "layers": meta_layers, "modules_to_save": saved,
             "tensors": {k: list(v.shape) for k, v in tensors.items()},
             "weights_file": WEIGHTS_NAME, "weights_sha256": _sha256(wpath)}
+    meta["config_sha256"] = _config_digest(meta)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -99,12 +124,16 @@ def _read(path: str):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{cpath} is not a dEBORA adapter config (format={meta.get('format') if isinstance(meta, dict) else None!r})")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ValueError(f"{cpath} has format_version={version!r}; this version of debora reads "
-                         f"format_version {FORMAT_VERSION} only")
-    for key in ("config", "layers", "modules_to_save", "tensors", "weights_sha256"):
+                         f"format_version {list(READABLE_VERSIONS)}")
+    for key in ("config", "layers", "modules_to_save", "tensors", "weights_sha256") + (
+            ("config_sha256",) if version >= 2 else ()):
         if key not in meta:
             raise ValueError(f"{cpath} lacks the field {key!r}; the adapter config is corrupted")
+    if version >= 2 and meta["config_sha256"] != _config_digest(meta):
+        raise ValueError(f"{cpath} does not match its own checksum (config_sha256): the config (scaling, "
+                         "ranks, basis, ...) was edited or corrupted")
     digest = _sha256(wpath)
     if digest != meta["weights_sha256"]:
         raise ValueError(f"{wpath} does not match the checksum recorded in {CONFIG_NAME} (corrupted or "
@@ -113,6 +142,10 @@ def _read(path: str):
         tensors = load_file(wpath)
     except (SafetensorError, OSError, ValueError) as err:
         raise ValueError(f"cannot read {wpath}: {err}") from None
+    bad = _nonfinite(tensors)
+    if bad:
+        raise ValueError(f"{wpath} holds NaN/Inf values in {len(bad)} tensors (e.g. {bad[:3]}); refusing to "
+                         "load it")
     return meta, tensors
 
 
@@ -133,6 +166,11 @@ def _validate(base_model: nn.Module, meta, tensors) -> DeboraConfig:
         if wshape != list(info["base_weight_shape"]):
             raise ValueError(f"{name!r} has weight shape {wshape} in base_model but the adapter was "
                              f"saved for {info['base_weight_shape']}: wrong base model?")
+        scaling = info.get("scaling")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling) \
+                or abs(scaling - cfg.scaling) > 1e-9 * max(1.0, abs(cfg.scaling)):
+            raise ValueError(f"adapter layer {name!r} has scaling={scaling!r}, but its config gives alpha/"
+                             f"init_rank = {cfg.scaling!r}: the adapter config is corrupted or edited")
         layer = make_adapter(name, mod, info["basis"], info["scaling"])
         r = int(info["rank"])
         expected[f"{name}.s"] = [r]
@@ -155,6 +193,11 @@ def _validate(base_model: nn.Module, meta, tensors) -> DeboraConfig:
         if list(tensors[k].shape) != shape:
             raise ValueError(f"tensor {k!r} has shape {list(tensors[k].shape)} in the weights file but "
                              f"{shape} is expected: wrong base model or corrupted file")
+    for name in meta["layers"]:
+        s = tensors[f"{name}.s"]
+        if s.numel() and bool((s < 0).any()):
+            raise ValueError(f"adapter layer {name!r} has negative rank weights s (min {float(s.min()):g}); "
+                             "s must be >= 0: the weights are corrupted or edited")
     return cfg
 
 

@@ -43,7 +43,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, basis):
     debora.save_pretrained(model, str(tmp_path))
     meta = json.load(open(tmp_path / "debora_config.json"))
     ranks = {k: v["rank"] for k, v in meta["layers"].items()}
-    assert meta["format_version"] == 1 and ranks["bert.encoder.layer.0.attention.self.query"] == 1
+    assert meta["format_version"] == 2 and ranks["bert.encoder.layer.0.attention.self.query"] == 1
     assert ranks["bert.encoder.layer.0.attention.self.value"] == 0
     assert ranks["bert.encoder.layer.1.attention.self.value"] == 4
     loaded = debora.from_pretrained(tiny_bert(), str(tmp_path))

@@ -140,7 +140,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         ckpt.save(path, {"model": {"a": torch.zeros(3)}}, {"iteration": 2})
-    tensors, meta = ckpt.load(path)
+    tensors, meta = ckpt.load(path, required=("model",))
     assert meta["iteration"] == 1 and torch.equal(tensors["model"]["a"], torch.ones(3))
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
@@ -149,7 +149,7 @@ def test_checkpoint_falls_back_to_old_after_interrupted_swap(tmp_path):
     path = str(tmp_path / "ck")
     ckpt.save(path, {"model": {"a": torch.ones(2)}}, {"iteration": 4})
     os.replace(path, path + ".old")            # crash between the two renames
-    tensors, meta = ckpt.load(path)
+    tensors, meta = ckpt.load(path, required=("model",))
     assert meta["iteration"] == 4
 
 

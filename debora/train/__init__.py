@@ -6,8 +6,11 @@
 
 Modules: ``config`` (TrainConfig, presets, YAML/JSON), ``data`` (sources, tokenisation, batches),
 ``split`` (eval split, D1/D2, resumable sampler), ``models`` (task models, loss), ``fwsetup`` (s vector
-↔ layers, feasible set, FW solver), ``loop`` (Trainer, TrainState), ``checkpoint`` (atomic, no pickle),
-``metrics`` (JSONL), ``plots``, ``summary``, ``run`` (train end to end).
+↔ layers, feasible set, FW solver), ``loop`` (Trainer, TrainState), ``checkpoint`` (atomic, manifest with
+SHA-256 per file, no pickle, allow-listed state types), ``resume`` (what resuming checks), ``outdir``
+(output directory rules), ``labels`` (label values → classes), ``files`` (data file checks),
+``config_checks`` (field coercion and ranges), ``metrics`` (JSONL), ``plots``, ``summary``, ``run``
+(train end to end).
 """
 from .config import PRESETS, TrainConfig, load_config, load_config_file
 

@@ -95,6 +95,8 @@ class TrainConfig:
     bf16: str = "auto"                     # "auto" (on CUDA) | "on" | "off"
     output_dir: str = "runs/debora"
     resume: Optional[str] = None           # checkpoint dir, or "auto" (= output_dir/checkpoint)
+    overwrite: bool = False                # replace an earlier run's outputs in output_dir
+    allow_many_classes: bool = False       # accept a label column with more classes than half the rows
     export_peft: bool = False
     plots: bool = True
     progress: bool = True
@@ -105,6 +107,9 @@ class TrainConfig:
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
+        from .config_checks import check_fields
+        check_fields(self)     # coerce each field by its type; finite numbers; ranges not checked below
+
         def choice(name, options):
             value = getattr(self, name)
             if value not in options:

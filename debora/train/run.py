@@ -3,8 +3,9 @@
 Output directory layout::
 
     <output_dir>/config.json        the resolved TrainConfig
+    <output_dir>/labels.json        class names in index order (label values mapped to 0..K-1), counts
     <output_dir>/metrics.jsonl      one JSON object per logged iteration / evaluation
-    <output_dir>/checkpoint/        exact resume point (see debora.train.checkpoint)
+    <output_dir>/checkpoint/        exact, verified resume point (see debora.train.checkpoint)
     <output_dir>/adapter/           debora.save_pretrained (reload with debora.from_pretrained)
     <output_dir>/peft/              PEFT LoRA export (if export_peft)
     <output_dir>/summary.md|json    the summary table
@@ -28,7 +29,10 @@ from . import checkpoint as ckpt
 from . import summary as summary_mod
 from .config import TrainConfig
 from .data import Examples, image_examples, load_raw, resolve_task, tokenize
-from .loop import Trainer, TrainState, _maybe_float
+from . import outdir
+from . import resume as resume_checks
+from .labels import check_classes
+from .loop import NonFiniteError, Trainer, TrainState, _maybe_float, nonfinite_parameters
 from .metrics import MetricsWriter
 from .models import (default_modules_to_save, default_targets, load_image_model, load_text_model)
 from .split import make_splits
@@ -77,9 +81,10 @@ def prepare(cfg: TrainConfig, device: torch.device):
                          max_eval_examples=cfg.max_eval_examples)
     pool = raw.subset(splits.pool)
     ev_raw = (raw.eval if splits.eval_from_source else raw).subset(splits.eval)
-    num_labels = max(len(raw.label_names), int(raw.labels.max()) + 1)
-    if num_labels < 2:
-        raise ValueError(f"dataset {cfg.dataset!r} has a single class; classification needs >= 2")
+    num_labels = len(raw.label_names)
+    if int(raw.labels.max()) >= num_labels or int(raw.labels.min()) < 0:   # sources map their labels
+        raise ValueError(f"dataset {cfg.dataset!r}: class indices outside 0..{num_labels - 1}")
+    check_classes(raw.labels[splits.pool], raw.label_names, cfg.dataset)
     torch.manual_seed(cfg.seed)   # the head's initialisation
     if task == "text":
         tokenizer, model, model_name = load_text_model(cfg.model, num_labels)
@@ -97,9 +102,15 @@ def prepare(cfg: TrainConfig, device: torch.device):
                                tau=cfg.tau, eps=cfg.eps, budget=cfg.budget, basis=cfg.basis,
                                modules_to_save=to_save, init_seed=cfg.seed,
                                init_s=cfg.init_s)
+    if hasattr(getattr(model, "config", None), "id2label"):   # class names travel with the model
+        model.config.id2label = {i: n for i, n in enumerate(raw.label_names)}
+        model.config.label2id = {n: i for i, n in enumerate(raw.label_names)}
     debora.inject(model, dcfg)
     model.to(device)
+    counts = np.bincount(np.asarray(raw.labels[splits.pool], dtype=np.int64), minlength=num_labels)
     info = {"task": task, "model": model_name, "tokenizer": tokenizer, "label_names": raw.label_names,
+            "label_counts": {n: int(c) for n, c in zip(raw.label_names, counts)},
+            "dropped_empty": int(raw.dropped_empty),
             "splits": splits.sizes(), "debora_config": dcfg.to_dict()}
     return model, task, d1, d2, eval_ex, splits, info
 
@@ -114,13 +125,18 @@ def _take(ex: Examples, idx) -> Examples:
 
 def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
           progress: Optional[bool] = None) -> TrainResult:
-    """Run dEBORA training as configured; returns the summary, the trained model and the final state."""
+    """Run dEBORA training as configured; returns the summary, the trained model and the final state.
+
+    Nothing is written to ``output_dir`` until set-up has succeeded: the directory is checked first
+    (:mod:`~debora.train.outdir`: not a file, writable, empty unless resumed or overwritten), then a
+    checkpoint to resume is verified (:mod:`~debora.train.checkpoint`) and its config compared
+    (:mod:`~debora.train.resume`), then data, model and trainer are built and the checkpoint state is
+    loaded; only then are ``config.json`` and ``metrics.jsonl`` written."""
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = os.path.abspath(cfg.output_dir)
-    os.makedirs(out, exist_ok=True)
     ckpt_path = os.path.join(out, "checkpoint")
     resume_from = None
     if cfg.resume:
@@ -128,30 +144,47 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
         if ckpt.resolve(resume_from) is None:
             if cfg.resume != "auto":
                 raise ValueError(f"--resume {cfg.resume!r}: no checkpoint there (expected a directory "
-                                 "with state.json written by `debora train`)")
+                                 "written by `debora train`)")
             resume_from = None
-    model, task, d1, d2, eval_ex, splits, info = prepare(cfg, device)
-    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
-    state = None
-    resume_iteration = None
-    metrics_path = os.path.join(out, "metrics.jsonl")
+    outdir.check(out, resume=bool(cfg.resume), overwrite=cfg.overwrite,
+                 no_checkpoint=cfg.resume == "auto" and resume_from is None)
+    loaded, changed = None, []
     if resume_from is not None:
-        _, meta = ckpt.load(resume_from)
-        resume_iteration = int(meta["iteration"])
-    metrics = MetricsWriter(metrics_path, resume_iteration=resume_iteration)
+        loaded = ckpt.load(resume_from)
+        changed = resume_checks.check_config(loaded[1].get("config"), cfg,
+                                             os.path.join(resume_from, "state.json"))
+    model, task, d1, d2, eval_ex, splits, info = prepare(cfg, device)
     trainer = Trainer(model, cfg, task, d1, d2, eval_ex, device, estimator=estimator, fw_solver=fw_solver,
-                      metrics=metrics, callback=callback)
+                      metrics=None, callback=callback)
+    trainer.label_names = list(info["label_names"])
+    state = None
+    if loaded is not None:
+        state = trainer.load_checkpoint(resume_from, loaded=loaded)
+    # set-up succeeded: from here on the output directory is written
+    outdir.claim(out, overwrite=cfg.overwrite and loaded is None)
+    _write_json(os.path.join(out, "config.json"), cfg.to_dict())
+    _write_json(os.path.join(out, "labels.json"), {"names": list(info["label_names"]),
+                                                   "train_counts": info["label_counts"],
+                                                   "dropped_empty_texts": info["dropped_empty"]})
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    metrics = MetricsWriter(metrics_path, resume_iteration=None if state is None else state.iteration)
+    trainer.metrics = metrics
     try:
-        if resume_from is not None:
-            state = trainer.load_checkpoint(resume_from)
+        if state is not None:
+            metrics.write("resume", iteration=state.iteration, checkpoint=resume_from, changed=changed)
         else:
             metrics.write("start", iteration=0, config=cfg.to_dict(), splits=info["splits"],
                           model=info["model"], total_iterations=trainer.total_iterations,
-                          device=str(device))
+                          device=str(device), labels=info["label_counts"],
+                          dropped_empty_texts=info["dropped_empty"])
         state = trainer.train(state, checkpoint_path=ckpt_path,
                               progress=cfg.progress if progress is None else progress)
         # artefacts
         adapter_dir = os.path.join(out, "adapter")
+        bad = nonfinite_parameters(model)
+        if bad:   # the loop checks after every iteration; this guards callers' own states
+            raise NonFiniteError(f"refusing to save the adapter: {len(bad)} parameter tensors hold NaN/Inf "
+                                 f"(e.g. {bad[:3]})")
         if hasattr(debora, "save_pretrained"):
             debora.save_pretrained(model, adapter_dir)
         else:  # pragma: no cover - while debora.io is missing
@@ -180,6 +213,7 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
             "fw_gap_end": _maybe_float(state.last_gap), "nonfinite_skipped": state.skipped_lower + state.skipped_upper,
             "wall_time_s": time.perf_counter() - t_start, "train_time_s": state.elapsed,
             "device": str(device), "output_dir": out,
+            "labels": info["label_counts"], "dropped_empty_texts": info["dropped_empty"],
         }
         metrics.write("end", iteration=state.iteration, **{k: v for k, v in summary.items()
                                                            if k not in ("ranks_start", "ranks_end")})
