@@ -42,7 +42,8 @@ class DeboraConfig:
             like list ``target_modules``.
         init_seed: seed of the random bases (``None``: torch's global generator).
         init_s: initial value of every s_i (``None``: the barycentre of the simplex's vertices,
-            ε + τ/(n+1)). With oblique/Stiefel bases the initial update ΔW0 = scaling·U diag(s0) Vᵀ is
+            ε + τ/(n+1), with Euclidean bases; ε + τ/(10(n+1)) with oblique/Stiefel ones). With
+            oblique/Stiefel bases the initial update ΔW0 = scaling·U diag(s0) Vᵀ is
             folded into the base weight, so removing a component later re-adds its share of −ΔW0: a
             small ``init_s`` (close to ε) keeps truncation nearly neutral. Must satisfy
             ε ≤ init_s and n·(init_s − ε) ≤ τ (n = components sharing one budget).

@@ -48,10 +48,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def initial_s(cfg: DeboraConfig, n_components: int) -> float:
-    """``cfg.init_s`` if set (checked to fit the budget), else the barycentre value of the floored
-    simplex with ``n_components`` coordinates."""
+    """``cfg.init_s`` if set (checked to fit the budget); else, with Euclidean bases, the barycentre of
+    the floored simplex with ``n_components`` coordinates, ε + τ/(n+1), and with oblique/Stiefel bases a
+    tenth of its excess over ε, ε + τ/(10(n+1)): those bases fold ΔW0 into the base weight, and a small
+    s0 keeps ΔW0, and so the effect of removing a component later, small."""
     if cfg.init_s is None:
-        return cfg.eps + cfg.tau / (n_components + 1)
+        bary = cfg.tau / (n_components + 1)
+        return cfg.eps + (bary if cfg.basis == "euclidean" else bary / 10)
     if n_components * (cfg.init_s - cfg.eps) > cfg.tau * (1 + 1e-12):
         raise ValueError(f"init_s={cfg.init_s:g} is infeasible: {n_components} components x (init_s - eps) = "
                          f"{n_components * (cfg.init_s - cfg.eps):g} exceeds tau={cfg.tau:g}; lower init_s "

@@ -51,7 +51,8 @@ class TrainConfig:
     alpha: float = 32.0
     dropout: float = 0.0
     modules_to_save: Optional[List[str]] = None   # None = the model's classifier head
-    init_s: Optional[float] = 0.01         # initial s_i (None: barycentre ε + τ/(n+1)); see DeboraConfig
+    init_s: Optional[float] = None         # initial s_i (None: ε + τ/(10(n+1)) for oblique/Stiefel bases,
+                                           # the barycentre ε + τ/(n+1) for Euclidean ones); see DeboraConfig
     # -- rank budget as a count (budget.py): None = only the paper's rule (remove components at ε) ------
     target_rank: Optional[float] = 2.0     # final average rank per adapter, R* = target_rank × layers
     prune_start: float = 0.1               # fraction of the run where the cubic schedule k(n) starts
@@ -219,7 +220,7 @@ class TrainConfig:
 
 
 # Presets. The field defaults above are the best settings we measured (README, "Rank selection"):
-# oblique bases (s carries each component's magnitude) started near the floor (init_s = 0.01, so the
+# oblique bases (s carries each component's magnitude) started near the floor (s0 = ε + τ/(10(r0+1)) ≈ 0.012, so the
 # folded ΔW0 is small and removing a component is nearly neutral), τ = 1 per layer, D1 = D2 with the
 # first-order hypergradient (exact at the lower solution by the envelope theorem, and free: it comes out
 # of the lower backward pass), away-step Frank-Wolfe with a constant, scale-free step γ = 0.05, and a
