@@ -55,8 +55,8 @@ class TrainConfig:
                                            # the barycentre ε + τ/(n+1) for Euclidean ones); see DeboraConfig
     # -- rank budget as a count (budget.py): None = only the paper's rule (remove components at ε) ------
     target_rank: Optional[float] = 2.0     # final average rank per adapter, R* = target_rank × layers
-    prune_start: float = 0.1               # fraction of the run where the cubic schedule k(n) starts
-    prune_end: float = 0.6                 # ... and where it reaches R*
+    prune_start: float = 0.3               # fraction of the run where the cubic schedule k(n) starts
+    prune_end: float = 0.9                 # ... and where it reaches R*
     prune_by: str = "s"                    # which components go first: smallest "s", or "random" (ablation)
     # -- bilevel algorithm -------------------------------------------------------------------------
     split: str = "same"                    # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
@@ -224,8 +224,8 @@ class TrainConfig:
 # folded ΔW0 is small and removing a component is nearly neutral), τ = 1 per layer, D1 = D2 with the
 # first-order hypergradient (exact at the lower solution by the envelope theorem, and free: it comes out
 # of the lower backward pass), away-step Frank-Wolfe with a constant, scale-free step γ = 0.05, and a
-# count budget: target_rank = 2 (average final rank per adapter) on a cubic schedule between 10% and
-# 60% of the run. ``paper``: the settings the paper states (α = 32, weight decay 1e-3, no dropout, equal
+# count budget: target_rank = 2 (average final rank per adapter) on a cubic schedule between 30% and
+# 90% of the run (81.1% vs 80.0% for 10% → 60%: train with every component, prune late). ``paper``: the settings the paper states (α = 32, weight decay 1e-3, no dropout, equal
 # random D1/D2 halves, closed-form hypergradient, Euclidean bases, global τ = 16, short step, removal at
 # ε only; the paper's learning rate is unreadable in the extraction, so lr stays at 1e-3).
 # ``default``: the field defaults, sized for the offline demo (≤ 10 min on 2 CPU cores): 4,000
