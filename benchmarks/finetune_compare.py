@@ -403,7 +403,9 @@ def main(argv=None) -> int:
     ap.add_argument("--examples", type=int, default=2400, help="training pool size per task")
     ap.add_argument("--eval-examples", type=int, default=1000)
     ap.add_argument("--epochs", type=float, default=3.0)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    ap.add_argument("--seed-list", default=None, help="explicit comma-separated seeds (instead of --seeds), "
+                                                      "e.g. to spread a campaign over processes")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=48)
     ap.add_argument("--image-size", type=int, default=32)
@@ -485,7 +487,8 @@ def main(argv=None) -> int:
                   f"{method} {mid[0]}; accuracies {[round(100 * a, 2) for a, _, _ in scores]})",
                   file=sys.stderr, flush=True)
         if args.phase in ("all", "report"):
-            for seed in range(args.seeds):    # seed-major: a partial campaign still covers every method
+            seeds = ([int(v) for v in args.seed_list.split(",")] if args.seed_list else range(args.seeds))
+            for seed in seeds:                # seed-major: a partial campaign still covers every method
                 for task in tasks:
                     for method in methods:
                         for setting in settings_of(method, args):
