@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from . import _checks as _c
 from . import pytree as pt
 from .pytree import Tree
 
@@ -29,13 +30,11 @@ class SolveInfo:
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if not isinstance(value, (int, float)) or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    _c.number(name, value, nonnegative=allow_zero, positive=not allow_zero)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    _c.integer(name, value, minimum)
 
 
 def _tiny(t: torch.Tensor) -> float:
@@ -89,9 +88,9 @@ def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: 
         pt.check_same_structure(x0, b, "x0", "b")
     if len(b) > 1 and pt.numel(b) <= flat_max:
         def flat_matvec(v: Tree) -> Tree:
-            return {"v": pt.flatten(matvec(pt.unflatten(v["v"], b)))}
+            return {"v": pt.flatten(matvec(pt.unflatten(v["v"], b)), like=b)}   # leaves by key
         v, info = conjugate_gradient(flat_matvec, {"v": pt.flatten(b)},
-                                     None if x0 is None else {"v": pt.flatten(x0)}, tol=tol,
+                                     None if x0 is None else {"v": pt.flatten(x0, like=b)}, tol=tol,
                                      maxiter=maxiter, record_history=record_history,
                                      check_every=check_every)
         return pt.unflatten(v["v"], b), info
@@ -219,7 +218,7 @@ def dense_matrix(matvec: MatVec, like: Tree, batched_matvec: Optional[MatVec] = 
             pass
 
     def column(e: torch.Tensor) -> torch.Tensor:
-        return pt.flatten(matvec(pt.unflatten(e, like)))
+        return pt.flatten(matvec(pt.unflatten(e, like)), like=like)   # leaves by key, not position
 
     try:
         H = torch.func.vmap(column)(eye).T
