@@ -278,6 +278,29 @@ class LowerOperators:
         return {k: (o if o is not None else torch.zeros_like(w)).detach()
                 for (k, w), o in zip(wrt.items(), out)}
 
+    def grad_y(self) -> Tree:
+        """``∂_y g`` at ``(x, y, batch)``, detached (free once the graph exists, reverse mode)."""
+        if self._effective_mode() == "reverse-over-reverse":
+            y_req, gy = self._build_graph()[1:]
+            return {k: g_.detach() for k, g_ in zip(y_req, gy)}
+        return self.problem.lower_grad_y(self.x, self.y, self.batch)
+
+    def hvp_and_mixed(self, v: Tree) -> Tuple[Tree, Tree]:
+        """``(∂²_yy g · v, ∂²_xy g · v)``: in reverse mode one backward pass for both (counts one
+        of each)."""
+        if self._effective_mode() != "reverse-over-reverse":
+            return self.hvp(v), self.mixed(v)
+        x_req, y_req, gy = self._build_graph()
+        self.hvp_count += 1
+        self.mixed_count += 1
+        wrt = list(y_req.values()) + list(x_req.values())
+        with torch.enable_grad():
+            out = torch.autograd.grad(gy, wrt, grad_outputs=[v[k] for k in y_req], retain_graph=True,
+                                      allow_unused=True)
+        full = [(o if o is not None else torch.zeros_like(w)).detach() for w, o in zip(wrt, out)]
+        ny = len(y_req)
+        return dict(zip(y_req, full[:ny])), dict(zip(x_req, full[ny:]))
+
     # -- ∂²_yy g · v ------------------------------------------------------------------------------
     def hvp(self, v: Tree) -> Tree:
         self.hvp_count += 1
