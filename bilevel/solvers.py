@@ -106,7 +106,8 @@ class BilevelSolver:
         return SolverState(x=pt.detach(x), y=pt.detach(y),
                            v=pt.zeros_like(pt.detach(y)) if self.uses_v else None, step=0)
 
-    def step(self, problem: BilevelProblem, state: SolverState, upper_batch: Any, lower_batch: Any):
+    def step(self, problem: BilevelProblem, state: SolverState, upper_batch: Any, lower_batch: Any,
+             **kwargs):
         """One outer iteration: returns ``(new_state, SolverInfo)``."""
         if not isinstance(state, SolverState):
             raise TypeError(f"state must be a bilevel.solvers.SolverState (from solver.init), got "
@@ -116,7 +117,7 @@ class BilevelSolver:
             problem.validate(state.x, state.y, _peek(upper_batch), first)
             if is_batch_iterator(lower_batch):
                 lower_batch = _Prepend(first, lower_batch)
-        return self._step(problem, state, upper_batch, lower_batch)
+        return self._step(problem, state, upper_batch, lower_batch, **kwargs)
 
     def _step(self, problem, state, upper_batch, lower_batch):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -199,7 +200,10 @@ class AmIGO(BilevelSolver):
 
 
 class Alternating(BilevelSolver):
-    """``inner_steps`` SGD steps on y, then ``estimator`` (any name or object), then an x step."""
+    """``inner_steps`` SGD steps on y, then ``estimator`` (any name or object), then an x step.
+
+    ``step(..., estimator_batch=b)`` hands the estimator its own lower batch(es) (e.g. the full
+    training set for a CG solve, while the inner SGD steps draw mini-batches from ``lower_batch``)."""
 
     name = "alternating"
     uses_v = False
@@ -216,12 +220,14 @@ class Alternating(BilevelSolver):
         st = super().init(problem, x, y)
         return SolverState(x=st.x, y=st.y, v=None, step=0, estimator=self.estimator.init(st.x, st.y))
 
-    def _step(self, problem, state, upper_batch, lower_batch):
+    def _step(self, problem, state, upper_batch, lower_batch, estimator_batch=None):
         if self.inner_steps > 1:
             self._warn_single(lower_batch)
         x = state.x
         y = _sgd_y(problem, x, state.y, lower_batch, self.inner_lr, self.inner_steps)
-        res = self.estimator(problem, x, y, draw(upper_batch), lower_batch, state=state.estimator)
+        res = self.estimator(problem, x, y, draw(upper_batch),
+                             lower_batch if estimator_batch is None else estimator_batch,
+                             state=state.estimator)
         x = pt.axpy(-self.outer_lr, res.grad, x)
         info = SolverInfo(lower_grads=self.inner_steps, upper_grads=1, hvp_count=res.info.hvp_count,
                           mixed_count=res.info.mixed_count, upper_value=res.info.upper_value,
