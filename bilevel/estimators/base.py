@@ -50,6 +50,7 @@ class EstimatorState:
         warm: the last linear-system solution ``v`` (a dict like y; CG / fixed-point warm starts).
         rng: the state of the estimator's CPU random generator (a uint8 tensor,
             ``torch.Generator.get_state()``; stochastic estimators only).
+        iterations: solver iterations of the previous call (the ``materialize="auto"`` cost model).
 
     ``to_dict()`` gives ``{"step": int, "warm": dict[str, Tensor] | None, "rng": Tensor | None}``
     (tensors and ints only: ``torch.save``/safetensors-able, no pickled classes), and
@@ -59,16 +60,18 @@ class EstimatorState:
     step: int = 0
     warm: Optional[Dict[str, torch.Tensor]] = None
     rng: Optional[torch.Tensor] = None
+    iterations: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return {"step": int(self.step), "warm": None if self.warm is None else dict(self.warm),
-                "rng": self.rng}
+                "rng": self.rng, "iterations": int(self.iterations)}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "EstimatorState":
-        unknown = sorted(set(d) - {"step", "warm", "rng"})
+        unknown = sorted(set(d) - {"step", "warm", "rng", "iterations"})
         if unknown:
-            raise ValueError(f"unknown EstimatorState fields {unknown}; expected step, warm, rng")
+            raise ValueError(f"unknown EstimatorState fields {unknown}; expected step, warm, rng, "
+                             "iterations")
         step = _c.integer("state['step']", d.get("step", 0), 0)
         warm = d.get("warm")
         if warm is not None:
@@ -77,7 +80,8 @@ class EstimatorState:
         if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8):
             raise TypeError(f"state['rng'] must be a uint8 tensor from torch.Generator.get_state(), "
                             f"got {type(rng).__name__}")
-        return cls(step=step, warm=None if warm is None else dict(warm), rng=rng)
+        return cls(step=step, warm=None if warm is None else dict(warm), rng=rng,
+                   iterations=_c.integer("state['iterations']", d.get("iterations", 0), 0))
 
 
 @dataclass
@@ -178,7 +182,8 @@ class Estimator:
     def estimate_with_state(self, problem, x, y, upper_batch, lower_batch, state: EstimatorState):
         """Default for stateless estimators: :meth:`estimate`, and the call counted in the state."""
         grad, info = self.estimate(problem, x, y, upper_batch, lower_batch)
-        return grad, info, EstimatorState(step=state.step + 1, warm=state.warm, rng=state.rng)
+        return grad, info, EstimatorState(step=state.step + 1, warm=state.warm, rng=state.rng,
+                                          iterations=info.iterations)
 
     def estimate(self, problem, x, y, upper_batch, lower_batch):  # pragma: no cover - abstract
         raise NotImplementedError

@@ -97,4 +97,5 @@ class StochasticNeumann(HvpModeOption, Estimator):
             extra["damping"] = lam
         info = EstimatorInfo(hvp_count=hvps, mixed_count=1, iterations=hvps, upper_value=value,
                              extra=extra)
-        return grad, info, EstimatorState(step=state.step + 1, warm=state.warm, rng=gen.get_state())
+        return grad, info, EstimatorState(step=state.step + 1, warm=state.warm, rng=gen.get_state(),
+                                          iterations=hvps)
