@@ -87,12 +87,13 @@ class ImplicitEstimator(HvpModeOption, Estimator):
     # -- materialising a small Hessian ------------------------------------------------------------------
     #: ``"auto"``: build ∂²_yy g densely (one vectorised batch of n = numel(y) products, then the
     #: solver's iterations on the n×n matrix, no autograd call each) when n ≤ MATERIALIZE_MAX and the
-    #: expected number of products is at least n/2: the fixed budget (``tol=0``, Neumann terms), else
-    #: the previous call's iterations (``state.iterations``; ``maxiter`` on the first call). On small
-    #: problems a batched build costs a few sequential products (measured: ≈ 10–20 at n = 100 on CPU)
-    #: while every sequential product pays a full autograd call. ``"always"`` / ``"never"`` force it.
+    #: expected number of products is at least n/4: the fixed budget (``tol=0``, Neumann terms), else
+    #: the previous call's iterations (``state.iterations``; ``maxiter`` on the first call). At these
+    #: sizes products are overhead-bound: the batched build of n = 100 columns costs about as much as
+    #: 10–20 sequential products on CPU, each of which pays a full autograd call. The rule is
+    #: deterministic (no timing), so runs stay reproducible. ``"always"`` / ``"never"`` force it.
     materialize: str = "never"
-    MATERIALIZE_MAX = 2048
+    MATERIALIZE_MAX = 512
 
     def _budget(self) -> Optional[int]:   # products the solver may spend; None: not applicable
         return None
@@ -109,7 +110,7 @@ class ImplicitEstimator(HvpModeOption, Estimator):
         expected = self._budget()
         if getattr(self, "tol", 0) > 0 and state is not None and state.step > 0:
             expected = min(expected, state.iterations)
-        return n <= self.MATERIALIZE_MAX and 2 * expected >= n
+        return n <= self.MATERIALIZE_MAX and 4 * expected >= n
 
 
 class _DampedOps:
