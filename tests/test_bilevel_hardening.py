@@ -365,14 +365,14 @@ def test_materialize_auto_follows_the_expected_product_count():
 
     def mat(est, state=None):
         return est(q.problem(), x, y, None, None, state=state).info.extra.get("materialized", False)
-    assert mat(bilevel.estimators.get("cg", tol=0.0, maxiter=10))          # 4·10 ≥ 40
-    assert not mat(bilevel.estimators.get("cg", tol=0.0, maxiter=9))       # 4·9 < 40
-    assert not mat(bilevel.estimators.get("neumann", terms=10))            # 9 products
+    assert mat(bilevel.estimators.get("cg", tol=0.0, maxiter=20))          # 2·20 ≥ 40
+    assert not mat(bilevel.estimators.get("cg", tol=0.0, maxiter=19))      # 2·19 < 40
+    assert not mat(bilevel.estimators.get("neumann", terms=20))            # 19 products
     est = bilevel.estimators.get("cg", tol=1e-10, maxiter=100, warm_start=True)
     s = est.init(x, y)
     assert mat(est, s)                                                      # first call: maxiter
     assert not mat(est, EstimatorState(step=1, iterations=3))               # last call took 3
-    assert mat(est, EstimatorState(step=1, iterations=10))
+    assert mat(est, EstimatorState(step=1, iterations=20))
     big = QuadraticBilevel.random(2, 513, kappa=2, seed=0)                  # above MATERIALIZE_MAX
     xb = big.random_x()
     assert "materialized" not in bilevel.estimators.get("cg", tol=0.0, maxiter=600)(
