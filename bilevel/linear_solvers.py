@@ -13,6 +13,7 @@ from typing import Callable, List, Optional
 
 import torch
 
+from . import _checks as _c
 from . import pytree as pt
 from .pytree import Tree
 
@@ -29,13 +30,11 @@ class SolveInfo:
 
 
 def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    if not isinstance(value, (int, float)) or not (value >= 0 if allow_zero else value > 0):
-        raise ValueError(f"{name} must be a number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    _c.number(name, value, nonnegative=allow_zero, positive=not allow_zero)
 
 
 def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    _c.integer(name, value, minimum)
 
 
 def _tiny(t: torch.Tensor) -> float:
@@ -89,9 +88,9 @@ def conjugate_gradient(matvec: MatVec, b: Tree, x0: Optional[Tree] = None, tol: 
         pt.check_same_structure(x0, b, "x0", "b")
     if len(b) > 1 and pt.numel(b) <= flat_max:
         def flat_matvec(v: Tree) -> Tree:
-            return {"v": pt.flatten(matvec(pt.unflatten(v["v"], b)))}
+            return {"v": pt.flatten(matvec(pt.unflatten(v["v"], b)), like=b)}   # leaves by key
         v, info = conjugate_gradient(flat_matvec, {"v": pt.flatten(b)},
-                                     None if x0 is None else {"v": pt.flatten(x0)}, tol=tol,
+                                     None if x0 is None else {"v": pt.flatten(x0, like=b)}, tol=tol,
                                      maxiter=maxiter, record_history=record_history,
                                      check_every=check_every)
         return pt.unflatten(v["v"], b), info
@@ -219,7 +218,7 @@ def dense_matrix(matvec: MatVec, like: Tree, batched_matvec: Optional[MatVec] = 
             pass
 
     def column(e: torch.Tensor) -> torch.Tensor:
-        return pt.flatten(matvec(pt.unflatten(e, like)))
+        return pt.flatten(matvec(pt.unflatten(e, like)), like=like)   # leaves by key, not position
 
     try:
         H = torch.func.vmap(column)(eye).T
@@ -237,17 +236,18 @@ def _unflatten_batched(mat: torch.Tensor, like: Tree) -> Tree:
 
 
 def dense_solve(matvec: MatVec, b: Tree, max_dim: int = 20000,
-                batched_matvec: Optional[MatVec] = None) -> tuple[Tree, SolveInfo]:
+                batched_matvec: Optional[MatVec] = None, symmetric: bool = True) -> tuple[Tree, SolveInfo]:
     """Exact solve: materialise H (n products), symmetrise, Cholesky-solve (LU if H is not positive
-    definite). For small n only (n² memory, n³ flops)."""
+    definite). For small n only (n² memory, n³ flops). ``symmetric=False``: no symmetrisation, LU."""
     n = pt.numel(b)
     if n > max_dim:
         raise ValueError(f"dense_solve would build a {n}×{n} Hessian (max_dim={max_dim}); use the "
                          "'cg' estimator for large lower levels, or raise max_dim")
     H = dense_matrix(matvec, b, batched_matvec)
-    H = 0.5 * (H + H.T)
+    if symmetric:
+        H = 0.5 * (H + H.T)
     rhs = pt.flatten(b)
-    L, info = torch.linalg.cholesky_ex(H)
+    L, info = torch.linalg.cholesky_ex(H) if symmetric else (None, torch.ones((), dtype=torch.int32))
     if int(info) == 0:
         v = torch.cholesky_solve(rhs[:, None], L)[:, 0]
     else:
@@ -259,3 +259,53 @@ def dense_solve(matvec: MatVec, b: Tree, max_dim: int = 20000,
                              f"lower minimiser); torch said: {err}") from None
     res = float(torch.linalg.norm(H @ v - rhs) / torch.linalg.norm(rhs).clamp_min(_tiny(rhs)))
     return pt.unflatten(v, b), SolveInfo(iterations=1, matvecs=n, residual=res)
+
+
+# -- by name, with options: the ``solve=`` of :func:`bilevel.custom_root` ---------------------------------
+SOLVE_NAMES = ("cg", "neumann", "fixed-point", "dense")
+
+
+def get(name: str, damping: float = 0.0, **options) -> Callable[[MatVec, Tree], tuple]:
+    """A linear solver ``solve(matvec, b) -> (v, SolveInfo)`` by name, options validated now.
+
+    ``cg`` (``tol``, ``maxiter``, ``check_every``; needs a symmetric positive definite operator),
+    ``neumann`` (``eta``, ``terms``), ``fixed-point`` (``eta``, ``tol``, ``maxiter``, ``check_every``),
+    ``dense`` (``max_dim``, ``symmetric``: ``False`` for a general square operator, LU).
+    ``damping=λ`` solves ``(A + λI) v = b`` with every solver (the estimators' Tikhonov λ).
+    """
+    lam = _c.number("damping", damping, nonnegative=True)
+    defaults = {"cg": dict(tol=1e-10, maxiter=1000, check_every=1),
+                "neumann": dict(eta=None, terms=100),
+                "fixed-point": dict(eta=None, tol=1e-10, maxiter=1000, check_every=1),
+                "dense": dict(max_dim=20000, symmetric=True)}
+    if name not in defaults:
+        raise ValueError(f"unknown linear solver {name!r}; available: {', '.join(SOLVE_NAMES)} (or pass a "
+                         "callable solve(matvec, b))")
+    unknown = sorted(set(options) - set(defaults[name]))
+    if unknown:
+        raise TypeError(f"linear solver {name!r} does not take {unknown}; it accepts "
+                        f"{sorted(defaults[name]) + ['damping']}")
+    opts = {**defaults[name], **options}
+    for key in ("tol",):
+        if key in opts:
+            _c.number(key, opts[key], nonnegative=True)
+    for key, low in (("maxiter", 0), ("check_every", 1), ("terms", 1), ("max_dim", 1)):
+        if key in opts:
+            _c.integer(key, opts[key], low)
+    if "eta" in opts:
+        if opts["eta"] is None:
+            raise ValueError(f"linear solver {name!r} needs eta (its step; take η ≤ 1/λ_max of the "
+                             "operator)")
+        _c.number("eta", opts["eta"], positive=True)
+
+    def solve(matvec: MatVec, b: Tree, x0: Optional[Tree] = None) -> tuple[Tree, SolveInfo]:
+        mv = matvec if lam == 0 else (lambda v: pt.axpy(lam, v, matvec(v)))
+        if name == "cg":
+            return conjugate_gradient(mv, b, x0=x0, **opts)
+        if name == "neumann":
+            return neumann_series(mv, b, opts["eta"], opts["terms"])
+        if name == "fixed-point":
+            return fixed_point(mv, b, x0=x0, **opts)
+        return dense_solve(mv, b, **opts)
+    solve.__qualname__ = f"linear_solvers.get({name!r})"
+    return solve

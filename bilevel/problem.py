@@ -13,8 +13,13 @@ function theorem, where ``∂²_yy g`` is invertible,
 * ``hvp(v)   = ∂²_{yy} g · v``  — reverse-over-reverse through a cached ``∂_y g`` graph (default), or
   forward-over-reverse (``jvp`` of ``grad``) with a double-backward fallback for ops that lack
   forward-mode rules;
-* ``mixed(v) = ∂²_{xy} g · v = ∂_x <∂_y g, v>``  — one backward through the same graph (or ``vjp`` of
-  ``grad`` in forward-over-reverse mode).
+* ``mixed(v) = ∂²_{xy} g · v = ∂_x <∂_y g, v>``  — one backward through the same graph, or in
+  forward-over-reverse mode a true ``jvp`` (in y, along v) of ``grad_x g``.
+
+Mixed precision: the products are evaluated with autocast *disabled*, in the dtype of x and y (float32
+parameters stay float32), so ``∂²_yy g`` stays symmetric to working precision and CG can meet its
+tolerance; the losses the caller evaluates elsewhere (lower steps, the upper gradient) stay under the
+caller's autocast.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp
 
 from . import pytree as pt
 from .pytree import Tree
@@ -32,6 +37,38 @@ from .pytree import Tree
 Loss = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], Any], torch.Tensor]
 
 HVP_MODES = ("auto", "forward-over-reverse", "reverse-over-reverse")
+
+
+@contextmanager
+def no_autocast():
+    """Disable every active autocast region (CPU and CUDA) inside the block."""
+    devices = [d for d in ("cpu", "cuda") if _autocast_on(d)]
+    if not devices:
+        yield
+        return
+    from contextlib import ExitStack
+    with ExitStack() as stack:
+        for d in devices:
+            stack.enter_context(torch.autocast(device_type=d, enabled=False))
+        yield
+
+
+def _autocast_on(device: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device == "cpu" else torch.is_autocast_enabled()
+
+
+def autocast_dtype() -> Optional[torch.dtype]:
+    """The low-precision dtype of the active autocast region, or ``None`` outside autocast."""
+    for d in ("cuda", "cpu"):
+        if _autocast_on(d):
+            try:
+                return torch.get_autocast_dtype(d)
+            except (AttributeError, TypeError):  # pragma: no cover - old torch
+                return torch.get_autocast_cpu_dtype() if d == "cpu" else torch.get_autocast_gpu_dtype()
+    return None
 
 
 def _scalar(loss_value: torch.Tensor, which: str) -> torch.Tensor:
@@ -107,6 +144,7 @@ class BilevelProblem:
         """
         pt.check_tree(x, "x")
         pt.check_tree(y, "y")
+        pt.check_dtypes({"x": x, "y": y})
         shared = sorted(set(x) & set(y))
         if shared:
             raise ValueError(f"x and y share the keys {shared}; give upper and lower variables "
@@ -130,6 +168,16 @@ class BilevelProblem:
         with _missing_key_hint("upper_loss", x, y):
             self.f(x_det, pt.detach(y), upper_batch)  # scalar check of the upper loss
         self._checked, self._signature = True, signature
+
+    def nonfinite_report(self, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any) -> dict:
+        """Values of ``f`` and ``g`` at ``(x, y)`` and the keys of x, y that are not finite (the
+        diagnosis after an estimator produced a NaN/inf; costs one forward of each loss)."""
+        with torch.no_grad():
+            f = float(self.f(pt.detach(x), pt.detach(y), upper_batch))
+            g = float(self.g(pt.detach(x), pt.detach(y), lower_batch))
+        bad = [f"x[{k!r}]" for k, v in x.items() if not bool(torch.isfinite(v).all())] + \
+              [f"y[{k!r}]" for k, v in y.items() if not bool(torch.isfinite(v).all())]
+        return {"upper_loss": f, "lower_loss": g, "nonfinite_inputs": bad}
 
 
 def _value_and_grads(loss, x: Tree, y: Tree, batch: Any, argnums: Tuple[int, ...]):
@@ -201,12 +249,20 @@ class LowerOperators:
     def _grad_y(self, x: Tree, y: Tree) -> Tree:
         return grad(self.problem.g, argnums=1)(x, y, self.batch)
 
+    def _grad_x(self, x: Tree, y: Tree) -> Tree:
+        return grad(self.problem.g, argnums=0)(x, y, self.batch)
+
+    def _jvp_y(self, fn, v: Tree) -> Tree:
+        """``d/dε fn(y + ε v)`` at ε = 0 (forward mode; ``v``'s keys matched to y's by name)."""
+        with no_autocast():
+            return jvp(fn, (self.y,), (pt.reorder(v, self.y),))[1]
+
     def _build_graph(self) -> Tuple[Tree, Tree, list]:
         """``∂_y g`` with ``create_graph=True``, with x and y as leaves (built once, reused)."""
         if self._graph is None:
             x_req = {k: t.detach().requires_grad_(True) for k, t in self.x.items()}
             y_req = {k: t.detach().requires_grad_(True) for k, t in self.y.items()}
-            with torch.enable_grad():
+            with torch.enable_grad(), no_autocast():
                 gy = torch.autograd.grad(self.problem.g(x_req, y_req, self.batch),
                                          list(y_req.values()), create_graph=True)
             self._graph = (x_req, y_req, list(gy))
@@ -222,13 +278,36 @@ class LowerOperators:
         return {k: (o if o is not None else torch.zeros_like(w)).detach()
                 for (k, w), o in zip(wrt.items(), out)}
 
+    def grad_y(self) -> Tree:
+        """``∂_y g`` at ``(x, y, batch)``, detached (free once the graph exists, reverse mode)."""
+        if self._effective_mode() == "reverse-over-reverse":
+            y_req, gy = self._build_graph()[1:]
+            return {k: g_.detach() for k, g_ in zip(y_req, gy)}
+        return self.problem.lower_grad_y(self.x, self.y, self.batch)
+
+    def hvp_and_mixed(self, v: Tree) -> Tuple[Tree, Tree]:
+        """``(∂²_yy g · v, ∂²_xy g · v)``: in reverse mode one backward pass for both (counts one
+        of each)."""
+        if self._effective_mode() != "reverse-over-reverse":
+            return self.hvp(v), self.mixed(v)
+        x_req, y_req, gy = self._build_graph()
+        self.hvp_count += 1
+        self.mixed_count += 1
+        wrt = list(y_req.values()) + list(x_req.values())
+        with torch.enable_grad():
+            out = torch.autograd.grad(gy, wrt, grad_outputs=[v[k] for k in y_req], retain_graph=True,
+                                      allow_unused=True)
+        full = [(o if o is not None else torch.zeros_like(w)).detach() for w, o in zip(wrt, out)]
+        ny = len(y_req)
+        return dict(zip(y_req, full[:ny])), dict(zip(x_req, full[ny:]))
+
     # -- ∂²_yy g · v ------------------------------------------------------------------------------
     def hvp(self, v: Tree) -> Tree:
         self.hvp_count += 1
         mode = self._effective_mode()
         if mode == "forward-over-reverse":
             try:
-                return jvp(lambda y_: self._grad_y(self.x, y_), (self.y,), (v,))[1]
+                return self._jvp_y(lambda y_: self._grad_y(self.x, y_), v)
             except (RuntimeError, NotImplementedError) as err:
                 if self.mode != "forward-over-reverse" or not _is_missing_forward_rule(err):
                     raise
@@ -244,14 +323,16 @@ class LowerOperators:
                 raise
             self.problem._double_backward_fails = True
             self._graph = None
-            return jvp(lambda y_: self._grad_y(self.x, y_), (self.y,), (v,))[1]
+            return self._jvp_y(lambda y_: self._grad_y(self.x, y_), v)
 
     def hvp_batched(self, V: Tree) -> Tree:
         """``∂²_yy g · V[i]`` for every i along a leading batch dimension of the leaves of ``V``
         (one vectorised backward; counts as ``len(V)`` products). Raises if an op cannot batch."""
         m = next(iter(V.values())).shape[0]
         if self._effective_mode() == "forward-over-reverse":
-            out = torch.func.vmap(lambda v: jvp(lambda y_: self._grad_y(self.x, y_), (self.y,), (v,))[1])(V)
+            V = pt.reorder(V, self.y)
+            with no_autocast():
+                out = torch.func.vmap(lambda v: jvp(lambda y_: self._grad_y(self.x, y_), (self.y,), (v,))[1])(V)
         else:
             _, y_req, gy = self._build_graph()
             with torch.enable_grad():
@@ -267,8 +348,8 @@ class LowerOperators:
         self.mixed_count += 1
         if self._effective_mode() == "reverse-over-reverse":
             return self._backward(self._build_graph()[0], v)
-        _, pullback = vjp(lambda x_: self._grad_y(x_, self.y), self.x)
-        return pt.detach(pullback(v)[0])
+        # forward-over-reverse: ∂²_xy g · v = ∂_y(∂_x g) · v, a jvp in y along v of grad_x g
+        return pt.detach(self._jvp_y(lambda y_: self._grad_x(self.x, y_), v))
 
 
 def _is_missing_forward_rule(err: BaseException) -> bool:

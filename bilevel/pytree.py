@@ -105,9 +105,42 @@ def numel(a: Tree) -> int:
     return sum(v.numel() for v in a.values())
 
 
-def flatten(a: Tree) -> torch.Tensor:
-    """Concatenate all leaves (in key order) into one vector."""
-    return torch.cat([v.reshape(-1) for v in a.values()])
+def flatten(a: Tree, like: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Concatenate all leaves into one vector, in the key order of ``like`` (default: ``a``'s own).
+
+    Leaves are matched by key, never by position: ``flatten(matvec(v), like=b)`` is laid out like
+    ``flatten(b)`` whatever order ``matvec`` lists its keys in."""
+    keys = a if like is None else like
+    return torch.cat([a[k].reshape(-1) for k in keys])
+
+
+def reorder(a: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> Tree:
+    """``a`` with its keys in the order of ``like`` (for APIs that compare pytree structure by
+    insertion order, such as ``torch.func.jvp``); no copy of the tensors."""
+    return {k: a[k] for k in like}
+
+
+def check_dtypes(trees: Mapping[str, Mapping[str, torch.Tensor]]) -> torch.dtype:
+    """Raise ``TypeError`` unless every leaf of every tree has one floating dtype; return it.
+
+    ``trees`` maps a name (``"x"``, ``"y"``) to a pytree. The message names the leaves of each dtype
+    and the cast that fixes it."""
+    by_dtype: Dict[torch.dtype, list] = {}
+    for name, tree in trees.items():
+        for k, v in tree.items():
+            by_dtype.setdefault(v.dtype, []).append(f"{name}[{k!r}]")
+    for dt, leaves in by_dtype.items():
+        if not (dt.is_floating_point or dt.is_complex):
+            raise TypeError(f"{', '.join(leaves[:4])} has dtype {dt}, which cannot be differentiated; "
+                            "pass floating-point tensors (e.g. t.to(torch.float32))")
+    if len(by_dtype) > 1:
+        detail = "; ".join(f"{dt}: {', '.join(leaves[:4])}{' …' if len(leaves) > 4 else ''}"
+                           for dt, leaves in by_dtype.items())
+        widest = max(by_dtype, key=lambda d: torch.finfo(d).bits if d.is_floating_point else 128)
+        raise TypeError(f"the leaves of {' and '.join(trees)} mix dtypes ({detail}); every tensor of "
+                        f"the problem must share one dtype: cast them, e.g. "
+                        f"{{k: v.to({widest}) for k, v in tree.items()}}")
+    return next(iter(by_dtype))
 
 
 def unflatten(vec: torch.Tensor, like: Tree) -> Tree:

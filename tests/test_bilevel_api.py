@@ -272,7 +272,7 @@ def test_lower_solver_converges_and_checks_state():
 
 def test_cg_warm_start_across_calls_saves_products():
     q, x, y = _quad()
-    est = bilevel.estimators.get("cg", tol=1e-10, warm_start=True)
+    est = bilevel.estimators.get("cg", tol=1e-10, warm_start=True, materialize="never")
     first = est(q.problem(), x, y, None, None)
     second = est(q.problem(), x, y, None, None)
     assert second.info.hvp_count < first.info.hvp_count

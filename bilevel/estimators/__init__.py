@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-from .base import Estimator, EstimatorInfo, HypergradResult, draw, is_batch_iterator
+from .base import Estimator, EstimatorInfo, EstimatorState, HypergradResult, draw, is_batch_iterator
 from .first_order import FirstOrder
 from .implicit import ConjugateGradient, Exact, FixedPoint, ImplicitEstimator, Neumann
 from .stochastic import StochasticNeumann
@@ -46,15 +46,28 @@ def get(name, **options) -> Estimator:
     if name not in _REGISTRY:
         hint = "" if name != "debora-closed-form" else " (it is registered by `import debora`)"
         raise ValueError(f"unknown estimator {name!r}{hint}; available: {', '.join(available())}")
+    factory = _REGISTRY[name]
+    accepted = getattr(factory, "options", None)
+    if isinstance(accepted, tuple) and not any(a.startswith("<") for a in accepted):
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(f"bad options for estimator {name!r}: it does not take {unknown}; it accepts "
+                             f"{list(accepted) or 'no options'}" + _why_not(unknown))
     try:
-        return _REGISTRY[name](**options)
+        return factory(**options)
     except TypeError as err:
         raise TypeError(f"bad options for estimator {name!r}: {err}") from None
+
+
+def _why_not(unknown) -> str:
+    if "damping" in unknown:
+        return " (damping regularises a Hessian solve; this estimator solves none)"
+    return ""
 
 
 for _cls in (Exact, ConjugateGradient, Neumann, FixedPoint, Unrolled, StochasticNeumann, FirstOrder):
     register(_cls.name, _cls)
 
-__all__ = ["Estimator", "EstimatorInfo", "HypergradResult", "register", "available", "get", "draw",
+__all__ = ["Estimator", "EstimatorInfo", "EstimatorState", "HypergradResult", "register", "available", "get", "draw",
            "is_batch_iterator", "Exact", "ConjugateGradient", "Neumann", "FixedPoint", "Unrolled",
            "StochasticNeumann", "FirstOrder", "ImplicitEstimator"]
