@@ -11,9 +11,10 @@ NOTES = [
     "Reference hypergradient: dense implicit solve (toy, verified by CG and by finite differences of "
     "re-solved lower levels) or converged CG (real models) of the damped lower level "
     "g = f2 + λ/2‖y‖² (+ gauge penalty for manifold bases); λ is part of each problem's description.",
-    "The closed form is evaluated by this package's own implementation (theory_checks.problems.base."
-    "AdapterProblem.closed_form) and, on the toy, cross-checked against the library's "
-    "`debora-closed-form` estimator on a model built with debora.inject.",
+    "Every problem is a model adapted by debora.inject (debora.MatrixAdapter / CPConv2dAdapter), its "
+    "losses run through debora.bilevel_problem, manifold bases are retracted by debora.manifolds; the "
+    "closed form is the library's `debora-closed-form` estimator. A row per problem checks that the "
+    "problem's loss equals the adapted model's and the debora.merge_and_unload model's.",
     "Algorithm 1 runs without truncation (n0 = ∞) and without the p̃ stop, so that the support can "
     "change back and the gap can be followed; the FW step is the library's AwayStepFW with "
     "ShortStep(M measured at s0).",
