@@ -9,7 +9,7 @@ VERDICTS = {"holds", "fails", "inconclusive"}
 
 def test_toy_checks_quick(tmp_path):
     out = str(tmp_path / "report")
-    assert main(["--problem", "toy", "--quick", "--device", "cpu", "--out", out]) == 0
+    assert main(["--problem", "toy", "--checks", "paper", "--quick", "--device", "cpu", "--out", out]) == 0
     for f in ("report.md", "report.json", "toy-matrix-euclidean.png"):
         assert os.path.exists(os.path.join(out, f)), f
     doc = json.load(open(os.path.join(out, "report.json")))
