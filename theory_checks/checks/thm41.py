@@ -172,8 +172,8 @@ def run(st: Study):
           and max(cc["euclidean"], cc["riemannian"]) <= 1e-8 * max(cc["euclidean_scale"], 1e-300))
     st.rows.append(row(NAME, ap, "debora adapters: problem loss == adapted model == merge_and_unload; "
                        "debora-closed-form == Euler identity",
-                       f"|Δf1| model {fmt(cc['f_model_diff'])}, merged {fmt(cc['f_merged_diff'])}; "
-                       f"max|G − (1−d)∂_s f1| {fmt(cc['euclidean'])}, max|G_riem − ∂_s f1| "
+                       f"Δf1 (abs) model {fmt(cc['f_model_diff'])}, merged {fmt(cc['f_merged_diff'])}; "
+                       f"max abs(G − (1−d)∂_s f1) {fmt(cc['euclidean'])}, max abs(G_riem − ∂_s f1) "
                        f"{fmt(cc['riemannian'])} ({', '.join(cc['dense_types'])})",
                        CR.HOLDS if ok else CR.FAILS,
                        "holds if the three losses agree to 1e-10 (relative to max(|f1|, 1)) and the closed form "
