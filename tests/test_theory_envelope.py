@@ -174,7 +174,8 @@ def test_regime_checks_run_on_a_small_toy():
         by_check.setdefault(r["check"], []).append(r)
         assert r["verdict"] in ("holds", "fails", "inconclusive") and r["criterion"]
     assert set(by_check) == {regime.NAME_ENV, regime.NAME_CHI, regime.NAME_ID}
-    env = by_check[regime.NAME_ENV][0]
-    assert env["quantity"].endswith("upper = lower (f1 = g)") and env["verdict"] == "holds"
-    assert env["data"]["rel"] < 1e-8
+    env = next(r for r in by_check[regime.NAME_ENV] if r["quantity"].endswith("upper = lower (f1 = g)"))
+    assert env["verdict"] == "holds" and env["data"]["rel"] < 1e-8
+    lower = next(r for r in by_check[regime.NAME_ENV] if r["quantity"].startswith("B*(s0)"))
+    assert lower["verdict"] == "holds" and 0.0 <= lower["data"]["coherence"]["layer"] <= 1.0 + 1e-12
     assert len(by_check[regime.NAME_ID]) == 2
