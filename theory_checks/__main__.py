@@ -1,4 +1,4 @@
-"""``python -m theory_checks [--problem toy|minilm|cnn|all] [--device auto|cpu|cuda] [--out DIR]``"""
+"""``python -m theory_checks [--problem toy|minilm|cnn|all] [--checks all|paper|default] [--device auto|cpu|cuda] [--out DIR]``"""
 from __future__ import annotations
 
 import argparse
@@ -11,9 +11,14 @@ NOTES = [
     "Reference hypergradient: dense implicit solve (toy, verified by CG and by finite differences of "
     "re-solved lower levels) or converged CG (real models) of the damped lower level "
     "g = f2 + λ/2‖y‖² (+ gauge penalty for manifold bases); λ is part of each problem's description.",
-    "The closed form is evaluated by this package's own implementation (theory_checks.problems.base."
-    "AdapterProblem.closed_form) and, on the toy, cross-checked against the library's "
-    "`debora-closed-form` estimator on a model built with debora.inject.",
+    "Every problem is a model adapted by debora.inject (debora.MatrixAdapter / CPConv2dAdapter), its "
+    "losses run through debora.bilevel_problem, manifold bases are retracted by debora.manifolds; the "
+    "closed form is the library's `debora-closed-form` estimator. A row per problem checks that the "
+    "problem's loss equals the adapted model's and the debora.merge_and_unload model's.",
+    "Default-preset regime (checks/regime.py): the problem's base weight is W0 (the trainer folds the "
+    "initial update ΔW0 of oblique bases into it: not done here); removed components stay at ε outside the "
+    "LMO instead of being deleted; g = ∂_s f on the lower step's batch at the pre-step bases (the "
+    "trainer's fused first-order).",
     "Algorithm 1 runs without truncation (n0 = ∞) and without the p̃ stop, so that the support can "
     "change back and the gap can be followed; the FW step is the library's AwayStepFW with "
     "ShortStep(M measured at s0).",
@@ -25,6 +30,10 @@ def main(argv=None) -> int:
     ap.add_argument("--problem", default="toy", choices=["toy", "minilm", "cnn", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default="runs/theory_checks")
+    ap.add_argument("--checks", default="all", choices=["all", "paper", "default"],
+                    help="paper: the paper's setting (Thm 4.1, Assumption 6.1, M, Thm 6.2, 6.5); default: the "
+                         "default training preset's regime (oblique, init_s, D1 = D2, first-order, constant-step "
+                         "FW, count budget; toy and minilm); all: both")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (smoke test)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1: faster than 2 on a shared 2-core machine)")
@@ -48,7 +57,7 @@ def main(argv=None) -> int:
     studies = []
     for p in problems:
         try:
-            studies += run_problem(p, device=device, quick=args.quick)
+            studies += run_problem(p, device=device, quick=args.quick, checks=args.checks)
         except Exception as err:  # e.g. a missing packaged asset: report it, keep the others
             import traceback
             traceback.print_exc()

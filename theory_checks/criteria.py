@@ -34,6 +34,17 @@ THM62_SLOPE = -0.5
 THM65_STABLE_FRACTION = 0.25
 
 
+# Envelope theorem (D1 = D2, first-order at an exact lower solution is the hypergradient): cosine and
+# relative error against the reference ∇F, conclusive only at a lower level converged to this
+# Riemannian gradient norm (the identity is exact only at ∂_B g = 0).
+ENVELOPE_COS, ENVELOPE_REL = 0.9999, 1e-3
+ENVELOPE_LOWER_TOL = 1e-5
+
+# Count-budget run: the top-k set of s must be fixed with at least this fraction of the pruning window
+# [n_start, n_end] to spare (s chose the survivors before the schedule forced the count).
+TOPK_WINDOW_SPARE = 0.25
+
+
 def accuracy_verdict(cos: float, rel: float) -> str:
     if not (math.isfinite(cos) and math.isfinite(rel)):
         return INCONCLUSIVE

@@ -57,8 +57,55 @@ def run_study(st: Study) -> Study:
     return st
 
 
-def run_problem(problem: str, device: str = "cpu", quick: bool = False, log: Callable = print) -> List[Study]:
+def run_regime(problem: str, device: str = "cpu", quick: bool = False, log: Callable = print) -> List[Study]:
+    """The checks of the default training preset's regime (checks/regime.py) on ``problem``."""
+    import copy
+    import bilevel
+    from .checks import regime
+    from .problems.base import split_halves
     out = []
+    for factory, cfg, opts in regime.instances(problem, device, quick):
+        t0 = time.perf_counter()
+        ap = factory()
+        ap.description = ap.description.replace("global budget τ", "per-layer budget τ") + (
+            f"; default-preset regime: oblique bases, s0 = init_s = {regime.PRESET['init_s']}, FW γ = "
+            f"{regime.PRESET['gamma']}, T_max = {regime.PRESET['T_max']} (Adam lr {regime.PRESET['lr']}, "
+            f"batch {regime.PRESET['batch']}), target rank {regime.PRESET['target_rank']:g}/adapter")
+        log(f"[{ap.name}] {ap.description}")
+        st = Study(ap, cfg, log)
+        # D1 ≠ D2 contrast on the same examples and model: random halves of D
+        ap_h = copy.copy(ap)
+        n = ap.n_examples(ap.D1)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 5))
+        ap_h.D1, ap_h.D2 = split_halves(ap.D1, perm)
+        ap_h.name, ap_h.split = ap.name + "-halves", "halves"
+        ap_h.problem = bilevel.BilevelProblem(ap_h.upper_loss, ap_h.lower_loss)
+        st_h = Study(ap_h, cfg, log)
+        st.timings["build"] = time.perf_counter() - t0
+        try:
+            regime.run(st, st_h, opts)
+        except Exception as err:  # a failing check is a result, not a crash of the whole report
+            st.log(f"  [{ap.name}] regime raised {type(err).__name__}: {err}")
+            st.log(traceback.format_exc(limit=6))
+            st.rows.append(row("regime", ap, "check raised an error", f"{type(err).__name__}: {err}",
+                               CR.INCONCLUSIVE, "the check could not be evaluated"))
+        st.timings["total"] = time.perf_counter() - t0
+        log(f"[{ap.name}] done in {st.timings['total']:.1f}s")
+        for r in st.rows:
+            log(f"    {r['check']:<15} {r['quantity'][:70]:<70} {r['value']}  => {r['verdict'].upper()}")
+        out.append(st)
+    return out
+
+
+def run_problem(problem: str, device: str = "cpu", quick: bool = False, log: Callable = print,
+                checks: str = "all") -> List[Study]:
+    """``checks``: ``"paper"`` (the paper's setting, checks 1-5), ``"default"`` (the default training
+    preset's regime) or ``"all"``."""
+    out = []
+    if checks in ("all", "default"):
+        out += run_regime(problem, device, quick, log)
+    if checks == "default":
+        return out
     for factory, cfg in instances(problem, device, quick):
         t0 = time.perf_counter()
         ap = factory()

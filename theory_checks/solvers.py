@@ -117,6 +117,60 @@ def _newton(ap, x, y, batch, newton_steps, iters):
     return LowerResult(y, lower_grad_norm(ap, x, y, batch), int(iters), k, pd)
 
 
+def newton_cg_polish(ap: AdapterProblem, x, y, batch=None, steps: int = 4, cg_iter: int = 200,
+                     gtol: float = 1e-12) -> LowerResult:
+    """Inexact Newton steps on g(s, ·) with the Hessian applied by HVPs (CG to a relative residual
+    min(0.1, √‖∂_y g‖)), a backtracking line search on ‖∂_y g‖ and the retraction: polishes an
+    L-BFGS point of a large lower level (where dense Newton is unaffordable) near a strict minimum."""
+    batch = ap.D2 if batch is None else batch
+    x = pt.detach(x)
+    y = pt.detach(y)
+    gfun = grad(ap.lower_loss, argnums=1)
+    gnorm = lower_grad_norm(ap, x, y, batch)
+    k = 0
+    for k in range(1, steps + 1):
+        if gnorm <= gtol:
+            k -= 1
+            break
+        ops = ap.problem.operators(x, y, batch)
+        b = pt.flatten(gfun(x, y, batch))
+
+        def mv(v):
+            return pt.flatten(ops.hvp(pt.unflatten(v, y)))
+
+        d = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = float(r @ r)
+        tol = min(0.1, math.sqrt(gnorm)) * math.sqrt(rs)
+        for _ in range(cg_iter):
+            Ap = mv(p)
+            pAp = float(p @ Ap)
+            if pAp <= 0:
+                break
+            a = rs / pAp
+            d = d + a * p
+            r = r - a * Ap
+            rs_new = float(r @ r)
+            if math.sqrt(rs_new) <= tol:
+                break
+            p = r + (rs_new / rs) * p
+            rs = rs_new
+        if not bool(d.abs().sum() > 0):
+            break
+        t = 1.0
+        for _ in range(20):
+            y_new = ap.retract_y(pt.unflatten(pt.flatten(y) - t * d, y))
+            gn = lower_grad_norm(ap, x, y_new, batch)
+            if gn < gnorm:
+                break
+            t *= 0.5
+        else:
+            break
+        y, gnorm = y_new, gn
+    return LowerResult(y, gnorm, 0, k)
+
+
 def lower_steps(ap: AdapterProblem, x, y, steps: int, stream, lr: float = 1e-2, state=None,
                 weight_decay: float = 0.0):
     """``steps`` Adam(W) steps on mini-batches from ``stream`` (the algorithm's lower level).

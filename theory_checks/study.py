@@ -71,12 +71,13 @@ class Study:
                                      max_iter=self.cfg.lbfgs_iter)
         return res
 
-    def reference(self, s: torch.Tensor, y_warm=None) -> dict:
+    def reference(self, s: torch.Tensor, y_warm=None, lower: Optional[solvers.LowerResult] = None) -> dict:
+        """∇F(s) at B*(s): the lower level converged from ``y_warm`` (or ``lower``, already converged)."""
         key = s.detach().cpu().double().numpy().tobytes()
         if key in self.refs:
             return self.refs[key]
         t0 = time.perf_counter()
-        low = self.converge(s, y_warm)
+        low = self.converge(s, y_warm) if lower is None else lower
         g, info, method = solvers.reference_hypergradient(self.ap, {"s": s}, low.y, cg_tol=self.cfg.cg_tol,
                                                           cg_maxiter=self.cfg.cg_maxiter)
         F = solvers.upper_value(self.ap, {"s": s}, low.y)
@@ -92,6 +93,10 @@ class Study:
 
     def gap(self, g: torch.Tensor, s: torch.Tensor) -> float:
         return C.product_vertices_gap(g, s, [self.ap.r_total], self.ap.tau, self.ap.eps)
+
+    def gap_blocks(self, g: torch.Tensor, s: torch.Tensor) -> float:
+        """FW gap on the product of one floored simplex per layer (τ per layer)."""
+        return C.product_vertices_gap(g, s, self.ap.blocks, self.ap.tau, self.ap.eps)
 
     def regime_points(self):
         """s0 with B*(s0), and s1 = s0 + step (v_1 − s0) with y_T = T_max Adam steps from B*(s0)."""

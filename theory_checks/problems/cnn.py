@@ -16,14 +16,16 @@ kinks with ‖∂_y g‖ ≈ 1e-2.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .base import AdapterProblem, LayerSpec, distinct_s0, split_halves
+from .base import AdapterProblem, distinct_s0, split_halves
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SMOOTH_BETA = 10.0
@@ -67,32 +69,58 @@ def _cache(n: int, seed: int):
     return model, torch.cat(store), Y
 
 
+class _Top(nn.Module):
+    """The last block's ``_project_conv`` (``project``) + BN, ``_conv_head`` (``head_conv``) + BN +
+    smoothed ReLU6, global average pooling and a 10-class linear head (buffers ``fc_w``, ``fc_b``).
+    The two 1×1 convolutions are plain ``nn.Conv2d`` copies (bias-free, as in the model)."""
+
+    def __init__(self, model):
+        super().__init__()
+        blk = model._blocks[-1]
+        self.project = _plain_conv(blk._project_conv)
+        self.bn2 = copy.deepcopy(blk._bn2)
+        self.head_conv = _plain_conv(model._conv_head)
+        self.bn1 = copy.deepcopy(model._bn1)
+        self.register_buffer("fc_w", torch.zeros(10, self.head_conv.out_channels))
+        self.register_buffer("fc_b", torch.zeros(10))
+
+    def features(self, feat):
+        x = self.bn2(self.project(feat))
+        x = self.bn1(self.head_conv(x))
+        x = F.softplus(x, SMOOTH_BETA) - F.softplus(x - 6.0, SMOOTH_BETA)  # C² stand-in for ReLU6
+        return x.mean(dim=(2, 3))
+
+    def forward(self, feat):
+        return F.linear(self.features(feat), self.fc_w, self.fc_b)
+
+
+def _plain_conv(conv) -> nn.Conv2d:
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ValueError(f"expected a 1x1 convolution with groups=1, got {conv}")
+    out = nn.Conv2d(conv.in_channels, conv.out_channels, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(conv.weight)
+        if conv.bias is not None:
+            out.bias.copy_(conv.bias)
+    return out
+
+
+def _inputs(batch):
+    return (batch["feat"],), {}
+
+
+def _loss(out, batch):
+    return F.cross_entropy(out, batch["label"])
+
+
 def make_cnn(n: int = 128, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: float = 1e-3,
              weight_decay: float = 1e-2, basis: str = "euclidean", dtype=torch.float64,
              device: str = "cpu") -> AdapterProblem:
     model, feats, labels = _cache(n, seed)
-    blk = model._blocks[-1]
     cast = dict(dtype=dtype, device=device)
-    frozen = {"project": blk._project_conv.weight.detach().to(**cast),
-              "head_conv": model._conv_head.weight.detach().to(**cast)}
-
-    def bn(m, x):
-        return F.batch_norm(x, m.running_mean.to(**cast), m.running_var.to(**cast),
-                            m.weight.detach().to(**cast), m.bias.detach().to(**cast), False, 0.0, m.eps)
-
-    bn2, bn1 = blk._bn2, model._bn1
-
-    def relu6(x):   # C² stand-in for ReLU6 (|difference| ≤ log 2 / SMOOTH_BETA), see module doc
-        return F.softplus(x, SMOOTH_BETA) - F.softplus(x - 6.0, SMOOTH_BETA)
-
-    def features(weights, batch):
-        x = bn(bn2, F.conv2d(batch["feat"], weights["project"]))
-        x = relu6(bn(bn1, F.conv2d(x, weights["head_conv"])))
-        return x.mean(dim=(2, 3))
-
-    def loss(out, batch):
-        return F.cross_entropy(out, batch["label"])
-
+    top = _Top(model).to(**cast).eval()
+    for p in top.parameters():
+        p.requires_grad_(False)
     g = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(n, generator=g)
     half = n // 2
@@ -102,7 +130,7 @@ def make_cnn(n: int = 128, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: 
     # the lower level (12.8k weights on 64 images) the lower problem did not converge to a local
     # minimum in the CPU budget (negative curvature left), which would void the CG reference
     with torch.no_grad():
-        phi = features(frozen, D2)
+        phi = top.features(D2["feat"])
     w = torch.zeros(10, phi.shape[1] + 1, **cast).requires_grad_(True)
     opt = torch.optim.LBFGS([w], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
@@ -113,18 +141,14 @@ def make_cnn(n: int = 128, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: 
         return val
 
     opt.step(closure)
-    fc_w, fc_b = w[:, :-1].detach(), w[:, -1].detach()
-
-    def forward(weights, head_, batch):
-        return F.linear(features(weights, batch), fc_w, fc_b)
-
-    head = {}
-    layers = [LayerSpec(k, tuple(frozen[k].shape), rank, 1.0) for k in ("project", "head_conv")]
-
-    s0 = distinct_s0(len(layers) * rank, tau, eps)
+    with torch.no_grad():
+        top.fc_w.copy_(w[:, :-1])
+        top.fc_b.copy_(w[:, -1])
+    names = ("project", "head_conv")
+    s0 = distinct_s0(len(names) * rank, tau, eps)
     return AdapterProblem(
-        f"cnn-{basis}", layers, frozen, head, forward, loss, D1, D2, basis=basis, tau=tau, eps=eps,
-        weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
+        f"cnn-{basis}", top, {k: rank for k in names}, _inputs, _loss, D1, D2, basis=basis, tau=tau,
+        eps=eps, weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
         description=(f"EfficientNet-Lite0 (ImageNet weights), Fashion-MNIST 32×32, {n} images split "
                      f"|D1|=|D2|={half}; CP (d=4) adapters of rank {rank} on the last block's "
                      "_project_conv (320×1152×1×1) and _conv_head (1280×320×1×1); new 10-class head fitted "

