@@ -254,3 +254,16 @@ def test_resume_in_the_default_regime_reproduces_the_run(tmp_path):
     for (ka, va), (kb, vb) in zip(debora.lower_parameters(a.model).items(),
                                   debora.lower_parameters(b.model).items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_ties_at_the_floor_are_broken_at_random_not_by_position():
+    s = torch.full((100,), 1e-3, dtype=torch.float64)          # all at the floor: all tied
+    alive = torch.ones(100, dtype=torch.bool)
+    out = smallest_beyond(s, alive, keep=50, protected=torch.zeros(100, dtype=torch.bool),
+                          generator=torch.Generator().manual_seed(0))
+    assert int(out.sum()) == 50
+    assert int(out[:50].sum()) < 40 and int(out[50:].sum()) > 10   # not the first 50 positions
+    s[7] = 0.5                                                     # the one with weight always stays
+    out = smallest_beyond(s, alive, keep=1, protected=torch.zeros(100, dtype=torch.bool),
+                          generator=torch.Generator().manual_seed(1))
+    assert not out[7] and int(out.sum()) == 99

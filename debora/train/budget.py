@@ -20,6 +20,7 @@ would overshoot it (on the tiny test model, drop steps emptied most layers withi
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -35,15 +36,21 @@ def scheduled_count(iteration: int, total_iterations: int, start_rank: int, targ
     return int(target + math.ceil((start_rank - target) * (1.0 - p) ** 3))
 
 
-def smallest_beyond(s: torch.Tensor, alive: torch.Tensor, keep: int, protected: torch.Tensor) -> torch.Tensor:
+def smallest_beyond(s: torch.Tensor, alive: torch.Tensor, keep: int, protected: torch.Tensor,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Boolean mask of the live coordinates (``alive``) to move to the floor so that at most ``keep``
-    stay alive: the smallest ``s`` first, never a ``protected`` one (a block's last component)."""
+    stay alive: the smallest ``s`` first, never a ``protected`` one (a block's last component).
+
+    Ties (many components sit exactly at the floor ε after drop steps) are broken in a random order
+    drawn from ``generator``, not by position: by position, the first layers lost their components
+    first."""
     out = torch.zeros_like(alive)
     excess = int(alive.sum()) - keep
     if excess <= 0:
         return out
     key = torch.where(alive & ~protected, s, torch.full_like(s, float("inf")))
-    order = torch.argsort(key, stable=True)
+    shuffle = torch.randperm(key.numel(), generator=generator)
+    order = shuffle[torch.argsort(key[shuffle], stable=True)]
     candidates = order[: excess]
     candidates = candidates[torch.isfinite(key[candidates])]
     out[candidates] = True

@@ -377,10 +377,10 @@ class Trainer:
             if x[sl].numel():
                 protected[sl.start + int(torch.argmax(x[sl]))] = True
         key = x
+        gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)   # resumable
         if self.cfg.prune_by == "random":    # ablation: the same count, components chosen at random
-            gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)
             key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
-        force = smallest_beyond(key, alive, k, protected)
+        force = smallest_beyond(key, alive, k, protected, generator=gen)
         if not bool(force.any()):
             return force
         fw_state = state.fw_state
