@@ -83,8 +83,7 @@ EXAMPLES = """examples:
 
   # images: packaged EfficientNet-Lite0 on Fashion-MNIST with CP conv adapters
   debora train --preset default --dataset fashion-mnist --image-size 32 --max-examples 3000 \\
-      --max-eval-examples 2000 --epochs 2 --lr 1e-3 --truncate-from 20 --eval-every 20 \\
-      --output-dir runs/fmnist
+      --max-eval-examples 2000 --epochs 2 --lr 1e-3 --output-dir runs/fmnist
 
   # network + GPU: DeBERTa-v3-base on GLUE with the paper's settings (one task per run)
   debora train --preset paper --model microsoft/deberta-v3-base --dataset glue --dataset-config sst2 \\
@@ -92,7 +91,10 @@ EXAMPLES = """examples:
   (--dataset-config: cola, sst2, mrpc, qqp, mnli, qnli, rte; sentence pairs are detected)
 
   # your own csv
-  debora train --dataset reviews.csv --text-column review --label-column stars --tau 8
+  debora train --dataset reviews.csv --text-column review --label-column stars --target-rank 2
+
+  # the paper's algorithm (closed form, D1/D2 halves, global tau, removal at eps only)
+  debora train --preset paper --dataset reviews.csv --output-dir runs/paper
 """
 
 
@@ -112,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "head, upper level away-step Frank-Wolfe on the rank weights s.",
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig values")
-    tr.add_argument("--preset", help="named preset: paper | default")
+    tr.add_argument("--preset", help="named preset: default (the field defaults, sized for the offline "
+                                      "demo) | paper (the paper's algorithm)")
     for flag, dest, typ, help_ in FLAGS:
         tr.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     tr.add_argument("--export-peft", dest="export_peft", action="store_true", default=None,
