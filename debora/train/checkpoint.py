@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import json
 import math
 import os
@@ -43,6 +42,8 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from debora.io import _sha256   # one file-hashing routine for adapters and checkpoints
 
 FORMAT = "debora-checkpoint"
 FORMAT_VERSION = 2
@@ -56,12 +57,6 @@ class NonFiniteCheckpoint(FloatingPointError):
     """Refusal to write a checkpoint that holds NaN or Inf values."""
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def nonfinite_names(tensors: Dict[str, torch.Tensor]) -> list:
