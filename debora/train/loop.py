@@ -82,6 +82,18 @@ def _finite(tree: Dict[str, torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(v).all() for v in tree.values()]).all())
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Dropout and other train-mode randomness off inside, the previous mode restored after: the
+    hypergradient and the Armijo objective estimate F(s) = f1(B*(s), s), a deterministic function of s."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def nonfinite_parameters(model) -> List[str]:
     """Names of the trainable (upper and lower) parameters holding NaN/Inf: one fused check, one host
     sync; the names are only looked up when the check fails."""
@@ -247,11 +259,7 @@ class Trainer:
         y = {k: v.detach() for k, v in debora.lower_parameters(self.model).items() if v.numel()}
         lower_iter = _Batches(self, state.d2_est, self.d2)
         g_sum, value, info = None, None, None
-        # dropout and other train-mode randomness off: the hypergradient (and the Armijo objective
-        # below) estimate F(s) = f1(B*(s), s), a deterministic function of s
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             for _ in range(cfg.grad_accum):
                 upper_batch = self.batch(self.d1, state.d1.next())
                 with self.autocast():
@@ -262,8 +270,6 @@ class Trainer:
                 if v is not None:
                     value = v.detach().float() if value is None else value + v.detach().float()
                 info = res.info
-        finally:
-            self.model.train(was_training)
         g = {k: g_sum[k] / cfg.grad_accum if k in g_sum else torch.zeros_like(p, dtype=torch.float32)
              for k, p in ups.items()}
         if value is not None:
@@ -272,14 +278,9 @@ class Trainer:
         if cfg.fw_step == "armijo":      # f1 on the last D1 batch as a function of the s vector
             def objective(s_vec, _p=problem, _y=y, _b=upper_batch):
                 lay = self._state_layout
-                was = self.model.training
-                self.model.eval()
-                try:
-                    with torch.no_grad(), self.autocast():
-                        return _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items() if k in x},
-                                    _y, _b).float()
-                finally:
-                    self.model.train(was)
+                with eval_mode(self.model), torch.no_grad(), self.autocast():
+                    return _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items() if k in x},
+                                _y, _b).float()
         return g, value, objective
 
     @torch.no_grad()
@@ -355,21 +356,18 @@ class Trainer:
         self._problem = None
         return int(idx.numel())
 
-    def rank_budget(self, iteration: int):
-        """``(k(n), R0, R*)``: live components allowed after ``iteration`` (budget.py), or None."""
+    def rank_budget(self, iteration: int) -> int:
+        """k(n): the live components allowed after ``iteration`` (budget.py; needs ``target_rank``)."""
         cfg = self.cfg
-        if cfg.target_rank is None:
-            return None
         layers = len(debora.adapter_layers(self.model))
-        r0 = cfg.init_rank * layers
         target = max(1, int(round(cfg.target_rank * layers)))
-        k = scheduled_count(iteration, self.total_iterations, r0, target, cfg.prune_start, cfg.prune_end)
-        return k, r0, target
+        return scheduled_count(iteration, self.total_iterations, cfg.init_rank * layers, target,
+                               cfg.prune_start, cfg.prune_end)
 
     def enforce_rank_budget(self, state: TrainState, slices) -> torch.Tensor:
         """The components beyond k(n) with the smallest s (budget.py); those not yet at the floor are
         moved there in the FW state (barycentric weights recomputed: they get weight exactly 0)."""
-        k, _, _ = self.rank_budget(state.iteration)
+        k = self.rank_budget(state.iteration)
         x = state.fw_state.x.detach().cpu()
         alive = torch.ones_like(x, dtype=torch.bool)
         protected = torch.zeros_like(alive)
@@ -453,7 +451,8 @@ class Trainer:
                 "samplers": {"d1": state.d1.state_dict(), "d2": state.d2.state_dict(),
                              "d2_est": state.d2_est.state_dict()},
                 "skipped_lower": state.skipped_lower, "skipped_upper": state.skipped_upper,
-                "s_frozen": state.s_frozen, "below_tol": state.below_tol, "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
+                "s_frozen": state.s_frozen, "below_tol": state.below_tol,
+                "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
                 "history": state.history, "config": self.cfg.to_dict(),
                 "model_dtypes": {k: str(v.dtype) for k, v in model_tensors.items()}}
         if self.label_names is not None:
@@ -518,7 +517,8 @@ class Trainer:
                            d2=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=2),
                            d2_est=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=3),
                            skipped_lower=int(meta["skipped_lower"]), skipped_upper=int(meta["skipped_upper"]),
-                           s_frozen=bool(meta["s_frozen"]), below_tol=int(meta.get("below_tol", 0)), last_gap=meta["last_gap"],
+                           s_frozen=bool(meta["s_frozen"]), below_tol=int(meta.get("below_tol", 0)),
+                           last_gap=meta["last_gap"],
                            elapsed=float(meta["elapsed"]), history=dict(meta["history"]))
         state.d1.load_state_dict(meta["samplers"]["d1"])
         state.d2.load_state_dict(meta["samplers"]["d2"])
