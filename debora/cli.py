@@ -61,7 +61,8 @@ FLAGS = [
     ("--weight-decay", "weight_decay", float, "lower-level AdamW weight decay"),
     ("--epochs", "epochs", float, "passes of the lower level over D2"),
     ("--max-iterations", "max_iterations", int, "cap on outer iterations"),
-    ("--batch-size", "batch_size", int, "mini-batch size (D1 and D2)"),
+    ("--batch-size", "batch_size", int, "mini-batch size (D1 and D2) per process; under torchrun the "
+                                        "global batch is nproc × batch-size"),
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
     ("--grad-accum", "grad_accum", int, "gradient accumulation (micro-batches per step)"),
     ("--eval-every", "eval_every", int, "evaluate every k outer iterations (0: start and end only)"),
@@ -92,6 +93,9 @@ EXAMPLES = """examples:
 
   # your own csv
   debora train --dataset reviews.csv --text-column review --label-column stars --target-rank 2
+
+  # several processes on one machine (DDP; gloo on CPU, nccl on CUDA); global batch 2 x 16
+  torchrun --nproc_per_node=2 -m debora train --batch-size 16 --output-dir runs/ddp
 
   # the paper's algorithm (closed form, D1/D2 halves, global tau, removal at eps only)
   debora train --preset paper --dataset reviews.csv --output-dir runs/paper
@@ -166,7 +170,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(json.dumps(cfg.to_dict(), indent=1))
             return 0
         from .train import train
-        result = train(cfg)
+        from .train.distributed import shutdown
+        try:
+            result = train(cfg)
+        finally:
+            shutdown()       # the process group of a torchrun launch (no-op for one process)
     except (ValueError, TypeError) as err:
         print(f"debora train: error: {err}", file=sys.stderr)
         return 2
@@ -180,6 +188,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("debora train: interrupted (the last checkpoint, if any, is intact; resume with "
               "--resume auto)", file=sys.stderr)
         return 130
+    if result.trainer.dist is not None and not result.trainer.dist.is_main:
+        return 0             # rank 0 reports for every process
     print(result.summary["table"])
     print(f"outputs in {result.output_dir}: summary.md, metrics.jsonl, "
           f"{', '.join(os.path.basename(p) for p in result.summary.get('plots', []))}, adapter/")

@@ -7,7 +7,9 @@ A checkpoint is a directory::
       model.safetensors       adapter state (s, bases, their buffers) + modules_to_save, by name
       optimizer.safetensors   lower optimizer state by parameter name ("<name>|exp_avg", ...)
       fw.safetensors          Frank-Wolfe state tensors
-      rng.safetensors         torch RNG states (CPU, CUDA)
+      rng.safetensors         torch RNG states (CPU, CUDA; every rank's under torchrun)
+      estimator.safetensors   the estimator's state: CG / fixed-point warm start, stochastic-neumann
+                              generator (optional group; its counters are in state.json)
       state.json              iteration, samplers, counters, ranks, FW state layout, config
 
 Writing: every tensor must be finite (:class:`NonFiniteCheckpoint` otherwise: a NaN is never saved);

@@ -11,6 +11,13 @@ The :class:`Trainer` owns the loop; the estimator and the Frank-Wolfe solver are
 All mutable training state lives in :class:`TrainState` (no module-level state), so that the same
 code can later run one replica per process under ``torch.distributed``.
 
+Several processes (``torchrun``, :mod:`~debora.train.distributed`): every sampler draws *global*
+batches of N·``batch_size`` and each rank takes its shard; the lower steps run through
+``DistributedDataParallel`` (gradient accumulation under ``no_sync``); ∂_s f, the hypergradient and
+the estimator's products are averaged over the ranks, so Frank-Wolfe runs identically on every rank;
+the truncation mask is rank 0's, checked by every rank; skip / freeze decisions are checked to agree.
+Estimators run on the unwrapped module. Rank 0 alone writes metrics and checkpoints.
+
 Host synchronisation: the lower loop checks each step's loss for NaN/Inf (one scalar per step, needed
 to *skip* a bad step); losses and accuracies are otherwise accumulated on the device and read every
 ``log_every`` iterations.
@@ -20,17 +27,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 import bilevel
 import debora
 
 from . import checkpoint as ckpt
+from . import distributed as distmod
 from .budget import scheduled_count, smallest_beyond
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
@@ -123,8 +133,16 @@ class Trainer:
 
     def __init__(self, model, cfg, task: str, d1: Examples, d2: Examples, eval_examples: Examples,
                  device: torch.device, estimator=None, fw_solver=None, metrics=None,
-                 callback: Optional[Callable[["Trainer", TrainState, Dict[str, Any]], None]] = None):
+                 callback: Optional[Callable[["Trainer", TrainState, Dict[str, Any]], None]] = None,
+                 dist: Optional[distmod.Dist] = None):
         self.model, self.cfg, self.task = model, cfg, task
+        self.dist = dist                       # None: one process
+        self.world_size = dist.world_size if dist is not None else 1
+        self.global_batch = cfg.batch_size * self.world_size
+        self.ddp = None                        # DistributedDataParallel over the lower parameters
+        self.est_state = None                  # the estimator's explicit state (warm start, RNG)
+        self._test_nan = _test_hook("DEBORA_TEST_NAN")          # "rank:iteration" (tests only)
+        self._test_exit = _test_hook("DEBORA_TEST_EXIT_AT")     # "iteration" (tests only)
         self.d1, self.d2, self.eval_examples = d1, d2, eval_examples
         self.device = torch.device(device)
         self.metrics = metrics
@@ -145,7 +163,7 @@ class Trainer:
         self.fused_grad = None
         use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and self.device.type == "cuda")
         self.autocast_dtype = torch.bfloat16 if use_bf16 else None
-        per_epoch = math.ceil(len(d2) / (cfg.batch_size * cfg.grad_accum * cfg.inner_steps))
+        per_epoch = math.ceil(len(d2) / (self.global_batch * cfg.grad_accum * cfg.inner_steps))
         self.iterations_per_epoch = max(1, per_epoch)
         total = max(1, math.ceil(cfg.epochs * self.iterations_per_epoch))
         self.total_iterations = min(total, cfg.max_iterations) if cfg.max_iterations else total
@@ -158,8 +176,31 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist.is_main
+
     def batch(self, examples: Examples, idx) -> Dict[str, torch.Tensor]:
-        return to_device(collate(examples, idx, self.cfg.image_size), self.device)
+        """The device batch of the indices ``idx`` (a global batch: this rank's shard of it)."""
+        weight = 1.0
+        if self.dist is not None:
+            idx, weight = distmod.shard(idx, self.dist.rank, self.dist.world_size)
+        out = to_device(collate(examples, idx, self.cfg.image_size), self.device)
+        if weight != 1.0:
+            out[distmod.LOSS_WEIGHT] = torch.tensor(weight, device=self.device)
+        return out
+
+    def samplers(self):
+        """The D1, D2 and estimator samplers, over global batches (N × batch_size)."""
+        cfg, b = self.cfg, self.global_batch
+        return (Sampler(len(self.d1), b, cfg.seed, stream=1), Sampler(len(self.d2), b, cfg.seed, stream=2),
+                Sampler(len(self.d2), b, cfg.seed, stream=3))
+
+    def rewrap(self) -> None:
+        """(Re)build the DDP wrapper over the current lower Parameters (after a truncation or a load:
+        DDP's hooks stay on the Parameter objects it was built with)."""
+        if self.dist is not None:
+            self.ddp = distmod.wrap(self.model, self.dist, list(debora.upper_parameters(self.model)))
 
     def s_tree(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in debora.upper_parameters(self.model).items()}
@@ -194,10 +235,9 @@ class Trainer:
         layout = SLayout(list(ups), [p.numel() for p in ups.values()])
         fw_solver = self.make_fw(layout)
         fw_state = fw_solver.init(self.s_vector())
+        d1, d2, d2_est = self.samplers()
         return TrainState(iteration=0, fw_state=fw_state, optimizer=self.make_optimizer(), layout=layout,
-                          d1=Sampler(len(self.d1), cfg.batch_size, cfg.seed, stream=1),
-                          d2=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=2),
-                          d2_est=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=3))
+                          d1=d1, d2=d2, d2_est=d2_est)
 
     # -- algorithm pieces -------------------------------------------------------------------------
     def lower_steps(self, state: TrainState, acc: Dict[str, torch.Tensor]) -> None:
@@ -219,22 +259,37 @@ class Trainer:
                 for p in ups.values():
                     p.requires_grad_(False)
                     p.grad = None
+        if fused and self.dist is not None:     # s is not DDP's: ∂_s f averaged here, one collective
+            self.dist.mean_(list(self.fused_grad.values()))
 
     def _lower_loop(self, state: TrainState, acc: Dict[str, torch.Tensor]) -> None:
         cfg, model, opt = self.cfg, self.model, state.optimizer
+        net = self.ddp if self.ddp is not None else model
+        nan_here = (self._test_nan is not None and self.dist is not None
+                    and self._test_nan == (self.dist.rank, state.iteration))
         for _ in range(cfg.inner_steps):
             opt.zero_grad(set_to_none=True)
             total = None
-            for _ in range(cfg.grad_accum):
+            for j in range(cfg.grad_accum):
                 batch = self.batch(self.d2, state.d2.next())
-                with self.autocast():
-                    logits = forward(model, self.task, batch)
-                    loss = loss_fn(logits, batch)
-                (loss / cfg.grad_accum).backward()
+                # DDP: gradients are all-reduced on the last micro-batch only
+                sync = self.ddp is None or j == cfg.grad_accum - 1
+                with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+                    with self.autocast():
+                        logits = forward(net, self.task, batch)
+                        loss = loss_fn(logits, batch)
+                    if nan_here:     # test hook: a NaN on this rank only
+                        loss = loss * float("nan")
+                    (loss / cfg.grad_accum).backward()
                 total = loss.detach() if total is None else total + loss.detach()
-                acc["correct"] += (logits.detach().argmax(-1) == batch["labels"]).sum()
-                acc["seen"] += batch["labels"].numel()
+                if float(batch.get(distmod.LOSS_WEIGHT, 1.0)) > 0:   # not a weight-0 filler shard
+                    acc["correct"] += (logits.detach().argmax(-1) == batch["labels"]).sum()
+                    acc["seen"] += batch["labels"].numel()
             total = total / cfg.grad_accum
+            if self.dist is not None:   # the global loss: a NaN on any rank is a NaN on every rank
+                total = total.float().reshape(1)
+                self.dist.mean_([total])
+                total = total.reshape(())
             if not bool(torch.isfinite(total)):
                 state.skipped_lower += 1
                 opt.zero_grad(set_to_none=True)
@@ -252,6 +307,8 @@ class Trainer:
         cfg = self.cfg
         if self._problem is None:   # built once (and after each truncation): it only holds the model
             self._problem = debora.bilevel_problem(self.model, loss_fn, inputs_fn=self.inputs_fn)[0]
+            if self.dist is not None:   # gradients and products: means over the ranks
+                self._problem = distmod.ReducedProblem(self._problem, self.dist)
         problem = self._problem
         # layers truncated to rank 0 (global budget) have empty s and bases: nothing to differentiate
         ups = debora.upper_parameters(self.model)
@@ -259,11 +316,18 @@ class Trainer:
         y = {k: v.detach() for k, v in debora.lower_parameters(self.model).items() if v.numel()}
         lower_iter = _Batches(self, state.d2_est, self.d2)
         g_sum, value, info = None, None, None
+        stateful = isinstance(self.estimator, bilevel.estimators.Estimator)
+        if stateful and self.est_state is None:
+            self.est_state = self.estimator.init(x, y)
         with eval_mode(self.model):
             for _ in range(cfg.grad_accum):
                 upper_batch = self.batch(self.d1, state.d1.next())
                 with self.autocast():
-                    res = self.estimator(problem, x, y, upper_batch, lower_iter)
+                    if stateful:   # explicit state (CG warm start, stochastic-neumann RNG): checkpointed
+                        res = self.estimator(problem, x, y, upper_batch, lower_iter, state=self.est_state)
+                        self.est_state = res.state
+                    else:
+                        res = self.estimator(problem, x, y, upper_batch, lower_iter)
                 g = {k: res.grad[k].float() for k in x}
                 g_sum = g if g_sum is None else {k: g_sum[k] + g[k] for k in g}
                 v = res.info.upper_value
@@ -274,13 +338,20 @@ class Trainer:
              for k, p in ups.items()}
         if value is not None:
             value = value / cfg.grad_accum
+        if self.dist is not None:   # g (and f1) averaged over the ranks before Frank-Wolfe
+            g = self.dist.mean_tree(g)
+            if value is not None:
+                value = self.dist.mean_tree({"v": value.reshape(1)})["v"].reshape(())
         objective = None
         if cfg.fw_step == "armijo":      # f1 on the last D1 batch as a function of the s vector
             def objective(s_vec, _p=problem, _y=y, _b=upper_batch):
                 lay = self._state_layout
                 with eval_mode(self.model), torch.no_grad(), self.autocast():
-                    return _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items() if k in x},
-                                _y, _b).float()
+                    val = _p.f({k: v.to(x[k].dtype) for k, v in lay.split(s_vec).items() if k in x},
+                               _y, _b).float()
+                if self.dist is not None:   # the global batch's f1: the same Armijo test on every rank
+                    val = self.dist.mean_tree({"f": val.reshape(1)})["f"].reshape(())
+                return val
         return g, value, objective
 
     @torch.no_grad()
@@ -328,12 +399,12 @@ class Trainer:
             # s) first, so they stay available to Frank-Wolfe until the schedule needs their room
             mask = self.enforce_rank_budget(state, slices)
             x = state.fw_state.x.detach().cpu()
-        if not bool(mask.any()):
-            return 0
         for sl in slices:
             m = mask[sl]
             if m.numel() and bool(m.all()):
                 m[int(torch.argmax(x[sl]))] = False
+        if self.dist is not None:   # decided once (rank 0), checked by every rank
+            mask = self.dist.decide(mask, f"the components to truncate at iteration {state.iteration}")
         if not bool(mask.any()):
             return 0
         idx = torch.nonzero(mask).flatten()
@@ -354,6 +425,7 @@ class Trainer:
         self.write_s(state.fw_state.x, state.layout)
         # a fresh problem: bilevel's Estimator re-validates a changed structure with lower_batch=None
         self._problem = None
+        self.rewrap()   # new Parameters: DDP's hooks were on the old ones (pytorch#12603)
         return int(idx.numel())
 
     def rank_budget(self, iteration: int) -> int:
@@ -408,13 +480,23 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = len(ex)
-        for start in range(0, n, self.cfg.eval_batch_size):
-            batch = self.batch(ex, range(start, min(n, start + self.cfg.eval_batch_size)))
+        lo, hi = 0, n
+        if self.dist is not None:   # this rank's contiguous part of the evaluation set
+            bounds = [0] + [int(b) for b in np.cumsum([len(a) for a in np.array_split(np.arange(n),
+                                                                                      self.world_size)])]
+            lo, hi = bounds[self.dist.rank], bounds[self.dist.rank + 1]
+        for start in range(lo, hi, self.cfg.eval_batch_size):
+            idx = range(start, min(hi, start + self.cfg.eval_batch_size))
+            batch = to_device(collate(ex, idx, self.cfg.image_size), self.device)
             with self.autocast():
                 logits = forward(self.model, self.task, batch)
             loss_sum += torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum")
             correct += (logits.argmax(-1) == batch["labels"]).sum()
         self.model.train(was_training)
+        if self.dist is not None:   # sums of losses and of correct answers, not averaged accuracies
+            totals = torch.stack([loss_sum.double(), correct.double()])
+            self.dist.sum_([totals])
+            loss_sum, correct = totals[0], totals[1]
         return {"eval_loss": float(loss_sum) / max(n, 1), "eval_acc": float(correct) / max(n, 1)}
 
     def counts(self) -> Dict[str, int]:
@@ -443,9 +525,16 @@ class Trainer:
         fw_fields = {f: getattr(fw, f) for f in ("x", "weights", "n", "rule_state")}
         fw_layout = ckpt.flatten_state(fw_fields, "fw", fw_tensors)
         rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
+        if self.dist is not None:   # every rank's generators (dropout draws differ between ranks)
+            for r, st in enumerate(self.dist.gather(torch.get_rng_state())):
+                rng["torch_cpu" if r == 0 else f"torch_cpu_rank{r}"] = st
+            if self.device.type == "cuda":
+                for r, st in enumerate(self.dist.gather(torch.cuda.get_rng_state(self.device))):
+                    rng[f"cuda_rank{r}"] = st
+        elif torch.cuda.is_available():
             for i, st in enumerate(torch.cuda.get_rng_state_all()):
                 rng[f"cuda_{i}"] = st
+        est_tensors, est_meta = _estimator_state_out(self.est_state)
         meta = {"iteration": state.iteration, "fw_layout": fw_layout, "optimizer": opt_meta,
                 "layout": state.layout.state_dict(), "ranks": debora.rank_pattern(self.model),
                 "samplers": {"d1": state.d1.state_dict(), "d2": state.d2.state_dict(),
@@ -454,11 +543,27 @@ class Trainer:
                 "s_frozen": state.s_frozen, "below_tol": state.below_tol,
                 "last_gap": _maybe_float(state.last_gap), "elapsed": wall,
                 "history": state.history, "config": self.cfg.to_dict(),
-                "model_dtypes": {k: str(v.dtype) for k, v in model_tensors.items()}}
+                "model_dtypes": {k: str(v.dtype) for k, v in model_tensors.items()},
+                "world_size": self.world_size, "global_batch": self.global_batch,
+                "estimator_state": est_meta}
         if self.label_names is not None:
             meta["labels"] = list(self.label_names)
-        return ckpt.save(path, {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors,
-                                "rng": rng}, meta)
+        groups = {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors, "rng": rng,
+                  "estimator": est_tensors}
+        if self.dist is None:
+            return ckpt.save(path, groups, meta)
+        # rank 0 writes; every rank learns whether it worked (no rank waits for a failed writer)
+        error = None
+        if self.dist.is_main:
+            try:
+                ckpt.save(path, groups, meta)
+            except BaseException as err:   # noqa: BLE001 - re-raised below, on every rank
+                error = err
+        if self.dist.any(error is not None):
+            if error is not None:
+                raise error
+            raise RuntimeError(f"rank 0 could not write the checkpoint {path!r} (its error is in its log)")
+        return path
 
     def load_checkpoint(self, path: str, loaded=None) -> TrainState:
         """The state saved at ``path`` (``loaded``: its ``ckpt.load`` result, if already read), after
@@ -511,11 +616,9 @@ class Trainer:
         from bilevel.frank_wolfe import FWState
         fw_state = FWState(set=S, **fw_fields)
         self.make_fw(layout)
-        cfg = self.cfg
+        d1, d2, d2_est = self.samplers()
         state = TrainState(iteration=int(meta["iteration"]), fw_state=fw_state, optimizer=optimizer,
-                           layout=layout, d1=Sampler(len(self.d1), cfg.batch_size, cfg.seed, stream=1),
-                           d2=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=2),
-                           d2_est=Sampler(len(self.d2), cfg.batch_size, cfg.seed, stream=3),
+                           layout=layout, d1=d1, d2=d2, d2_est=d2_est,
                            skipped_lower=int(meta["skipped_lower"]), skipped_upper=int(meta["skipped_upper"]),
                            s_frozen=bool(meta["s_frozen"]), below_tol=int(meta.get("below_tol", 0)),
                            last_gap=meta["last_gap"],
@@ -523,12 +626,24 @@ class Trainer:
         state.d1.load_state_dict(meta["samplers"]["d1"])
         state.d2.load_state_dict(meta["samplers"]["d2"])
         state.d2_est.load_state_dict(meta["samplers"]["d2_est"])
-        try:
-            torch.set_rng_state(tensors["rng"]["torch_cpu"])
-        except (RuntimeError, TypeError) as err:
-            raise ValueError(f"{path}/rng.safetensors: invalid CPU RNG state ({err})") from None
-        if torch.cuda.is_available():
-            states = [tensors["rng"][k] for k in sorted(tensors["rng"]) if k.startswith("cuda_")]
+        self.est_state = _estimator_state_in(meta.get("estimator_state"), tensors.get("estimator", {}),
+                                             set(named), self.device, path)
+        rank = self.dist.rank if self.dist is not None else 0
+        key = "torch_cpu" if rank == 0 else f"torch_cpu_rank{rank}"
+        saved_world = meta.get("world_size", 1)
+        if saved_world == self.world_size and key in tensors["rng"]:
+            try:
+                torch.set_rng_state(tensors["rng"][key])
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"{path}/rng.safetensors: invalid CPU RNG state ({err})") from None
+        # (another number of processes: resume.check_world_size has made sure that no draw of the
+        # global generators (dropout) matters; the samplers and estimator generators are restored)
+        if self.device.type == "cuda" and self.dist is not None:
+            if f"cuda_rank{rank}" in tensors["rng"] and saved_world == self.world_size:
+                torch.cuda.set_rng_state(tensors["rng"][f"cuda_rank{rank}"], self.device)
+        elif torch.cuda.is_available():
+            states = [tensors["rng"][k] for k in sorted(tensors["rng"])
+                      if k.startswith("cuda_") and not k.startswith("cuda_rank")]
             if states:
                 torch.cuda.set_rng_state_all(states)
         return state
@@ -540,6 +655,7 @@ class Trainer:
         if state is None:
             state = self.init_state()
         t0 = time.perf_counter() - state.elapsed
+        self.rewrap()
         if state.iteration == 0 and "eval_start" not in state.history:
             ev = self.evaluate()
             state.history["eval_start"] = ev
@@ -549,7 +665,7 @@ class Trainer:
                 self.metrics.write("eval", iteration=0, epoch=0.0, **ev, **self.counts(),
                                    time=time.perf_counter() - t0)
         bar = None
-        if progress:
+        if progress and self.is_main:
             from tqdm.auto import tqdm
             bar = tqdm(total=self.total_iterations, initial=state.iteration, desc="dEBORA", unit="it",
                        dynamic_ncols=True)
@@ -574,8 +690,15 @@ class Trainer:
                         acc["upper_n"] += 1
                     info = self.fw_update(state, g, objective)
                 state.iteration = n + 1
+                if self.dist is not None:   # skip and freeze decisions, s: the same on every rank
+                    self.dist.agree([state.skipped_lower, state.skipped_upper, float(state.s_frozen),
+                                     state.below_tol, float(state.fw_state.x.double().sum())],
+                                    f"skipped steps, s frozen, gaps below p̃ and sum(s) at iteration "
+                                    f"{state.iteration}")
                 # parameters after this iteration's optimizer and FW steps: one fused finite check
                 bad = nonfinite_parameters(self.model)
+                if self.dist is not None and self.dist.any(bool(bad)) and not bad:
+                    bad = ["(on another process)"]
                 if bad:
                     raise NonFiniteError(
                         f"aborting at iteration {state.iteration}: {len(bad)} parameter tensors hold NaN/Inf "
@@ -618,6 +741,8 @@ class Trainer:
                 if checkpoint_path and ((cfg.checkpoint_every and state.iteration % cfg.checkpoint_every == 0)
                                         or last):
                     self.save_checkpoint(state, checkpoint_path, time.perf_counter() - t0)
+                    if self._test_exit is not None and self._test_exit == (state.iteration,):
+                        os._exit(17)   # test hook: killed right after this checkpoint
                 if bar is not None:
                     bar.update(1)
                 if self.callback is not None:
@@ -629,6 +754,11 @@ class Trainer:
         return state
 
     def _log(self, state: TrainState, acc, info, removed: int, wall: float) -> Dict[str, Any]:
+        if self.dist is not None:   # training accuracy over the global batches (the loss already is)
+            counts = torch.stack([acc["correct"].double().reshape(()),
+                                  torch.tensor(float(acc["seen"]), dtype=torch.float64, device=self.device)])
+            self.dist.sum_([counts])
+            acc = dict(acc, correct=counts[0], seen=int(counts[1].item()))
         ranks = debora.rank_pattern(self.model)
         s = {k[:-2]: [round(float(x), 6) for x in v.detach().float().cpu()]
              for k, v in debora.upper_parameters(self.model).items()}
@@ -650,6 +780,61 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write("train", **rec)
         return rec
+
+
+def _estimator_state_out(state):
+    """``(tensors, meta)`` of an :class:`bilevel.estimators.EstimatorState` (``({}, None)`` for none):
+    the warm start as ``warm|<name>`` tensors, the generator state as ``rng``, counters in JSON."""
+    if state is None:
+        return {}, None
+    d = state.to_dict()
+    tensors = {f"warm|{k}": v.detach() for k, v in (d["warm"] or {}).items()}
+    if d["rng"] is not None:
+        tensors["rng"] = d["rng"]
+    meta = {"step": d["step"], "iterations": d["iterations"],
+            "warm": None if d["warm"] is None else sorted(d["warm"]), "rng": d["rng"] is not None}
+    return tensors, meta
+
+
+def _estimator_state_in(meta, tensors, lower_names, device, path):
+    """The estimator state saved by :func:`_estimator_state_out`, checked (``None`` if none was saved)."""
+    if meta is None:
+        return None
+    where = f"{path}/state.json estimator_state"
+    if not isinstance(meta, dict) or set(meta) != {"step", "iterations", "warm", "rng"}:
+        raise ValueError(f"{where}: must be an object with step, iterations, warm, rng; the checkpoint is "
+                         "corrupted or edited")
+    warm = meta["warm"]
+    if warm is not None and not (isinstance(warm, list) and all(isinstance(k, str) for k in warm)):
+        raise ValueError(f"{where}: 'warm' must be a list of parameter names or null")
+    d = {"step": meta["step"], "iterations": meta["iterations"], "warm": None, "rng": None}
+    if warm is not None:
+        unknown = [k for k in warm if k not in lower_names]
+        missing = [k for k in warm if f"warm|{k}" not in tensors]
+        if unknown or missing:
+            raise ValueError(f"{where}: the warm start names {unknown or missing} that are not "
+                             "lower-level parameters of this model or not in estimator.safetensors; the "
+                             "checkpoint is corrupted or edited")
+        d["warm"] = {k: tensors[f"warm|{k}"].to(device) for k in warm}
+    if meta["rng"] is True:
+        if "rng" not in tensors:
+            raise ValueError(f"{where}: the generator state is missing from estimator.safetensors")
+        d["rng"] = tensors["rng"]
+    try:
+        return bilevel.estimators.EstimatorState.from_dict(d)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}; the checkpoint is corrupted or edited") from None
+
+
+def _test_hook(name: str):
+    """A test hook from the environment: ``"a:b"`` -> ``(a, b)`` (ints), or ``None`` when unset."""
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return tuple(int(v) for v in raw.split(":"))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected integers separated by ':' (a test hook)") from None
 
 
 def _maybe_float(v):

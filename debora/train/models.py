@@ -129,5 +129,11 @@ def forward(model: nn.Module, task: str, batch: Dict[str, torch.Tensor]) -> torc
 
 
 def loss_fn(output, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the model output (logits, or an object with ``.logits``), in float32."""
-    return F.cross_entropy(logits_of(output).float(), batch["labels"])
+    """Mean cross-entropy of the model output (logits, or an object with ``.logits``), in float32.
+
+    Under several processes a batch may carry ``loss_weight`` (``N·n_r/n`` for an uneven shard of the
+    global batch, :func:`debora.train.distributed.shard`): the loss is scaled by it, so that the mean
+    over the ranks is the mean over the global batch."""
+    loss = F.cross_entropy(logits_of(output).float(), batch["labels"])
+    weight = batch.get("loss_weight")
+    return loss if weight is None else loss * weight

@@ -38,9 +38,35 @@ def _norm(v: Any) -> Any:
     return v
 
 
-def check_config(saved: Any, cfg, where: str) -> List[str]:
+def check_world_size(saved_world: Any, saved_batch: Any, world: int, batch_size: int, where: str,
+                     has_dropout: bool = False) -> bool:
+    """A resume with another number of processes N is exact only if the global batch N × batch_size
+    is the one of the checkpoint (the samplers' positions are in global batches) and no draw of the
+    per-process generators matters (no active dropout); otherwise it is refused. Returns whether N
+    changed (then ``batch_size`` may differ from the checkpoint's)."""
+    if isinstance(saved_world, bool) or not isinstance(saved_world, int) or saved_world < 1:
+        _fail(where, "world_size", "an integer >= 1", saved_world)
+    if saved_world == world:
+        return False
+    old, new = saved_world * int(saved_batch), world * int(batch_size)
+    if old != new:
+        raise ValueError(f"cannot resume from {where}: it was written by {saved_world} process(es) with "
+                         f"--batch-size {saved_batch} (global batch {old}), this run has {world} with "
+                         f"--batch-size {batch_size} (global batch {new}). Another number of processes "
+                         f"resumes exactly only with the same global batch: use --batch-size "
+                         f"{old // world if old % world == 0 else '(none fits: ' + str(old) + ' is not a multiple of ' + str(world) + ')'}, "
+                         f"or {saved_world} processes")
+    if has_dropout:
+        raise ValueError(f"cannot resume from {where} with {world} process(es): it was written by "
+                         f"{saved_world}, and the model has active dropout, whose random masks depend on "
+                         f"each process's generator; resume with {saved_world} processes")
+    return True
+
+
+def check_config(saved: Any, cfg, where: str, world_changed: bool = False) -> List[str]:
     """Refuse a resume whose config differs from the checkpoint's in a field outside
-    :data:`RESUMABLE`; returns the resumable fields that differ (to be logged)."""
+    :data:`RESUMABLE`; returns the resumable fields that differ (to be logged). With
+    ``world_changed`` (:func:`check_world_size` passed), ``batch_size`` (per process) may differ."""
     if not isinstance(saved, dict):
         raise ValueError(f"{where}: 'config' must be an object; the checkpoint is corrupted")
     defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
@@ -57,7 +83,8 @@ def check_config(saved: Any, cfg, where: str) -> List[str]:
         if old == new or (isinstance(old, (int, float)) and isinstance(new, (int, float))
                           and not isinstance(old, bool) and not isinstance(new, bool) and old == new):
             continue
-        (allowed if name in RESUMABLE else refused).append(f"{name}: checkpoint {old!r}, now {new!r}")
+        ok = name in RESUMABLE or (world_changed and name == "batch_size")
+        (allowed if ok else refused).append(f"{name}: checkpoint {old!r}, now {new!r}")
     if refused:
         raise ValueError(f"cannot resume from {where}: the config differs in "
                          f"{'; '.join(refused)}. Only {sorted(RESUMABLE)} may change on resume; rerun "

@@ -26,6 +26,7 @@ import torch
 import debora
 
 from . import checkpoint as ckpt
+from . import distributed as distmod
 from . import summary as summary_mod
 from .config import TrainConfig
 from .data import Examples, image_examples, load_raw, resolve_task, tokenize
@@ -133,7 +134,10 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
     (:mod:`~debora.train.resume`), then data, model and trainer are built and the checkpoint state is
     loaded; only then are ``config.json`` and ``metrics.jsonl`` written."""
     t_start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    dist = distmod.setup(cfg.device)          # None: one process (a plain `debora train`)
+    device = dist.device if dist is not None else resolve_device(cfg.device)
+    world = dist.world_size if dist is not None else 1
+    main = dist is None or dist.is_main
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = os.path.abspath(cfg.output_dir)
@@ -148,18 +152,31 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
             resume_from = None
     outdir.check(out, resume=bool(cfg.resume), overwrite=cfg.overwrite,
                  no_checkpoint=cfg.resume == "auto" and resume_from is None)
-    loaded, changed = None, []
+    loaded, changed, world_changed = None, [], False
     if resume_from is not None:
         loaded = ckpt.load(resume_from)
-        changed = resume_checks.check_config(loaded[1].get("config"), cfg,
-                                             os.path.join(resume_from, "state.json"))
+        where = os.path.join(resume_from, "state.json")
+        saved_cfg = loaded[1].get("config")
+        saved_world = (loaded[1].get("world_size", 1),
+                       (saved_cfg if isinstance(saved_cfg, dict) else {}).get("batch_size", cfg.batch_size))
+        world_changed = resume_checks.check_world_size(*saved_world, world, cfg.batch_size, where)
+        changed = resume_checks.check_config(saved_cfg, cfg, where, world_changed=world_changed)
+        if world_changed:
+            changed.append(f"world_size: checkpoint {saved_world[0]}, now {world}")
     model, task, d1, d2, eval_ex, splits, info = prepare(cfg, device)
+    if world_changed:
+        resume_checks.check_world_size(*saved_world, world, cfg.batch_size, where,
+                                       has_dropout=_has_dropout(model))
     trainer = Trainer(model, cfg, task, d1, d2, eval_ex, device, estimator=estimator, fw_solver=fw_solver,
-                      metrics=None, callback=callback)
+                      metrics=None, callback=callback, dist=dist)
     trainer.label_names = list(info["label_names"])
     state = None
     if loaded is not None:
         state = trainer.load_checkpoint(resume_from, loaded=loaded)
+    if dist is not None:   # every rank has checked the directory and loaded its state: rank 0 writes
+        dist.barrier()
+    if not main:
+        return _train_other_rank(trainer, state, ckpt_path, model, cfg, info, task, device, out, t_start)
     # set-up succeeded: from here on the output directory is written
     outdir.claim(out, overwrite=cfg.overwrite and loaded is None)
     _write_json(os.path.join(out, "config.json"), cfg.to_dict())
@@ -175,7 +192,8 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
         else:
             metrics.write("start", iteration=0, config=cfg.to_dict(), splits=info["splits"],
                           model=info["model"], total_iterations=trainer.total_iterations,
-                          device=str(device), labels=info["label_counts"],
+                          device=str(device), world_size=world, global_batch=trainer.global_batch,
+                          labels=info["label_counts"],
                           dropped_empty_texts=info["dropped_empty"])
         state = trainer.train(state, checkpoint_path=ckpt_path,
                               progress=cfg.progress if progress is None else progress)
@@ -191,30 +209,7 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
             warnings.warn("debora.save_pretrained is not available: adapter not saved")
         if cfg.export_peft:
             debora.export_peft(model, os.path.join(out, "peft"))
-        hist = state.history
-        counts = trainer.counts()
-        summary = {
-            "model": info["model"], "dataset": cfg.dataset, "task": task, "splits": info["splits"],
-            "iterations": state.iteration, "estimator": trainer.estimator_name, "fw": cfg.fw,
-            "fw_step": cfg.fw_step, "budget": cfg.budget, "basis": cfg.basis, "tau": cfg.tau,
-            "eps": cfg.eps, "init_rank": cfg.init_rank, "preset": cfg.preset,
-            "eval_acc_start": hist.get("eval_start", {}).get("eval_acc"),
-            "eval_loss_start": hist.get("eval_start", {}).get("eval_loss", float("nan")),
-            "eval_acc_end": hist.get("eval_end", {}).get("eval_acc"),
-            "eval_loss_end": hist.get("eval_end", {}).get("eval_loss", float("nan")),
-            "eval_acc_best": hist.get("eval_best", {}).get("eval_acc"),
-            "trainable_start": hist.get("counts_start", {}).get("trainable"),
-            "trainable_end": counts["trainable"],
-            "adapter_start": hist.get("counts_start", {}).get("adapter"), "adapter_end": counts["adapter"],
-            "lower_params_end": counts["lower"],
-            "ranks_start": hist.get("ranks_start"), "ranks_end": debora.rank_pattern(model),
-            "rank_start": sum((hist.get("ranks_start") or {}).values()),
-            "rank_end": sum(debora.rank_pattern(model).values()),
-            "fw_gap_end": _maybe_float(state.last_gap), "nonfinite_skipped": state.skipped_lower + state.skipped_upper,
-            "wall_time_s": time.perf_counter() - t_start, "train_time_s": state.elapsed,
-            "device": str(device), "output_dir": out,
-            "labels": info["label_counts"], "dropped_empty_texts": info["dropped_empty"],
-        }
+        summary = _summary(trainer, state, model, cfg, info, task, device, out, t_start)
         metrics.write("end", iteration=state.iteration, **{k: v for k, v in summary.items()
                                                            if k not in ("ranks_start", "ranks_end")})
     finally:
@@ -224,3 +219,46 @@ def train(cfg: TrainConfig, *, estimator=None, fw_solver=None, callback=None,
         from .plots import make_plots
         summary["plots"] = make_plots(metrics_path, out)
     return TrainResult(summary=summary, model=model, state=state, trainer=trainer, output_dir=out)
+
+
+def _has_dropout(model) -> bool:
+    """Whether a module of ``model`` draws dropout masks (p > 0) in training mode."""
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
+def _train_other_rank(trainer, state, ckpt_path, model, cfg, info, task, device, out, t_start):
+    """Ranks other than 0: the same training (their collectives pair with rank 0's), nothing written."""
+    state = trainer.train(state, checkpoint_path=ckpt_path, progress=False)
+    summary = _summary(trainer, state, model, cfg, info, task, device, out, t_start)
+    summary["table"] = summary_mod.render(summary)
+    return TrainResult(summary=summary, model=model, state=state, trainer=trainer, output_dir=out)
+
+
+def _summary(trainer, state, model, cfg, info, task, device, out, t_start) -> Dict[str, Any]:
+    hist = state.history
+    counts = trainer.counts()
+    summary = {
+        "model": info["model"], "dataset": cfg.dataset, "task": task, "splits": info["splits"],
+        "iterations": state.iteration, "estimator": trainer.estimator_name, "fw": cfg.fw,
+        "fw_step": cfg.fw_step, "budget": cfg.budget, "basis": cfg.basis, "tau": cfg.tau,
+        "eps": cfg.eps, "init_rank": cfg.init_rank, "preset": cfg.preset,
+        "eval_acc_start": hist.get("eval_start", {}).get("eval_acc"),
+        "eval_loss_start": hist.get("eval_start", {}).get("eval_loss", float("nan")),
+        "eval_acc_end": hist.get("eval_end", {}).get("eval_acc"),
+        "eval_loss_end": hist.get("eval_end", {}).get("eval_loss", float("nan")),
+        "eval_acc_best": hist.get("eval_best", {}).get("eval_acc"),
+        "trainable_start": hist.get("counts_start", {}).get("trainable"),
+        "trainable_end": counts["trainable"],
+        "adapter_start": hist.get("counts_start", {}).get("adapter"), "adapter_end": counts["adapter"],
+        "lower_params_end": counts["lower"],
+        "ranks_start": hist.get("ranks_start"), "ranks_end": debora.rank_pattern(model),
+        "rank_start": sum((hist.get("ranks_start") or {}).values()),
+        "rank_end": sum(debora.rank_pattern(model).values()),
+        "fw_gap_end": _maybe_float(state.last_gap), "nonfinite_skipped": state.skipped_lower + state.skipped_upper,
+        "wall_time_s": time.perf_counter() - t_start, "train_time_s": state.elapsed,
+        "device": str(device), "output_dir": out,
+        "labels": info["label_counts"], "dropped_empty_texts": info["dropped_empty"],
+        "world_size": trainer.world_size, "batch_size": cfg.batch_size,
+        "global_batch": trainer.global_batch,
+    }
+    return summary
