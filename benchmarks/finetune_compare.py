@@ -15,8 +15,9 @@ columns are not guessed).
 
 Fairness: every run of a task and seed uses the same stratified training pool and held-out split
 (the trainer's), the same epochs over the pool, batch size, max length, AdamW (weight decay 1e-3),
-α = 32 and no dropout. dEBORA trains its bases on D2 and its rank weights on D1 (equal halves of the
-same pool), so one epoch costs it the same number of forward/backward passes as LoRA's.
+α = 32 and no dropout. dEBORA's default trains its bases and its rank weights on the whole pool (D1 =
+D2, the hypergradient fused into the lower backward pass), so one epoch costs it the same number of
+forward/backward passes as LoRA's (``--preset paper``: halves D1/D2, an extra pass on D1).
 Learning rates: each method's lr comes from the same protocol, ``--lr-grid``: on a tuning split
 (seed ``--tune-seed``: a different random pool and held-out split than the reported seeds) each method
 is run at its middle setting for every lr of the grid on the first task; the best held-out accuracy
@@ -103,8 +104,10 @@ def _adalora_kept(model, pattern) -> tuple:
     return adapter, rank
 
 
-def run_peft(spec) -> dict:
-    """PEFT LoRA / AdaLoRA on the same pool and held-out split, same optimizer, batch and epochs."""
+def run_peft(spec, on_trained=None) -> dict:
+    """PEFT LoRA / AdaLoRA on the same pool and held-out split, same optimizer, batch and epochs.
+    ``on_trained(model, evaluate)`` (optional) is called after training, before the final evaluation
+    (``benchmarks/truncation_probe.py`` uses it to cut a trained LoRA)."""
     import torch
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
     from debora.train import TrainConfig
@@ -197,6 +200,8 @@ def run_peft(spec) -> dict:
         if method == "adalora":
             model.base_model.update_and_allocate(step)
         opt.zero_grad(set_to_none=True)
+    if on_trained is not None:
+        on_trained(model, evaluate)
     acc = evaluate()
     wall = time.perf_counter() - t0
     trainable_now = sum(p.numel() for p in params)
@@ -221,9 +226,10 @@ def worker(spec_json: str) -> None:
 def settings_of(method: str, args):
     """[(setting label, value, dEBORA overrides)] for one method."""
     if method == "debora":
-        out = [(f"target_rank={r:g}", r, {"target_rank": r}) for r in args.target_ranks]
-        out += [(f"tau={t:g}", t, {"tau": t}) for t in args.taus]
-        return out or [("preset", None, {})]
+        tag = f" {args.debora_label}" if args.debora_label else ""
+        out = [(f"target_rank={r:g}{tag}", r, {"target_rank": r}) for r in args.target_ranks]
+        out += [(f"tau={t:g}{tag}", t, {"tau": t}) for t in args.taus]
+        return out or [(f"preset{tag}", None, {})]
     if method == "adalora":
         return [(f"target_r={r}", r, {}) for r in args.adalora_target_rs]
     if method.startswith("lora-r"):
@@ -416,6 +422,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-seed", type=int, default=100)
     ap.add_argument("--preset", default="default", help="dEBORA preset")
     ap.add_argument("--debora", default="{}", help="JSON dict of extra dEBORA TrainConfig overrides")
+    ap.add_argument("--debora-label", default="",
+                    help="appended to dEBORA's setting labels (a variant given by --debora), so that its "
+                         "records and table rows stay apart from the default's")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="benchmarks/results/fronts.json",

@@ -267,3 +267,82 @@ def test_ties_at_the_floor_are_broken_at_random_not_by_position():
     out = smallest_beyond(s, alive, keep=1, protected=torch.zeros(100, dtype=torch.bool),
                           generator=torch.Generator().manual_seed(1))
     assert not out[7] and int(out.sum()) == 99
+
+
+# -- SVD re-factorisation (prune_by="svd") -------------------------------------------------------------
+@pytest.mark.parametrize("basis", ["oblique", "stiefel", "euclidean"])
+def test_svd_refactor_keeps_the_update_and_the_fw_set(basis):
+    """ΔW (and so the model) is unchanged; the bases become orthonormal (non-Euclidean); Σ s does not
+    grow (‖ΔW‖_* ≤ Σ s for unit columns), so an FW iterate stays feasible; cutting the tail is the best
+    approximation of that rank (Eckart–Young: the error is the dropped singular values)."""
+    torch.manual_seed(0)
+    model = debora.inject(_tiny_bert().double().eval(),
+                          debora.DeboraConfig(target_modules=["query", "value"], init_rank=4, basis=basis))
+    gen = torch.Generator().manual_seed(1)
+    for layer in debora.adapter_layers(model).values():
+        with torch.no_grad():
+            layer.U.copy_(debora.manifolds.random_point(basis, layer.U.shape[0], 4, gen, torch.float64))
+            layer.V.copy_(debora.manifolds.random_point(basis, layer.V.shape[0], 4, gen, torch.float64))
+            layer.s.copy_(torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64))
+    batch = _batch()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    before = model(**inputs).logits
+    dw = {n: l.delta_weight().clone() for n, l in debora.adapter_layers(model).items()}
+    ids = {n: (id(l.U), id(l.V), id(l.s)) for n, l in debora.adapter_layers(model).items()}
+    debora.svd_refactor(model)
+    torch.testing.assert_close(model(**inputs).logits, before, rtol=0, atol=1e-12)
+    for n, layer in debora.adapter_layers(model).items():
+        assert (id(layer.U), id(layer.V), id(layer.s)) == ids[n]          # same Parameters, in place
+        torch.testing.assert_close(layer.delta_weight(), dw[n], rtol=0, atol=1e-12)
+        sig = torch.linalg.svdvals(dw[n]) / layer.scaling
+        assert torch.all(layer.s[:-1] >= layer.s[1:])                    # descending
+        assert float(layer.s.sum()) <= 0.65 + 1e-12                     # Σ s did not grow
+        if basis != "euclidean":
+            torch.testing.assert_close(layer.s, sig[:4], rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(4, dtype=torch.float64))
+            torch.testing.assert_close(layer.V.T @ layer.V, torch.eye(4, dtype=torch.float64))
+        # keeping the first two components leaves exactly the tail σ3, σ4 as the error (Eckart–Young)
+        layer.keep_(torch.arange(2))
+        err = torch.linalg.matrix_norm(layer.delta_weight() - dw[n]) / layer.scaling
+        torch.testing.assert_close(err, sig[2:4].norm(), rtol=1e-9, atol=1e-12)
+
+
+def test_svd_refactor_resets_the_optimizer_state_of_the_bases():
+    model = debora.inject(_tiny_bert(), debora.DeboraConfig(target_modules=["query"], init_rank=4))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    out = model(**{k: v for k, v in _batch().items() if k != "labels"}).logits.sum()
+    out.backward()
+    opt.step()
+    layer = next(iter(debora.adapter_layers(model).values()))
+    assert float(opt.state[layer.U]["exp_avg"].abs().sum()) > 0
+    debora.svd_refactor(model, optimizer=opt)
+    for p in (layer.U, layer.V):
+        assert all(float(v.abs().sum()) == 0 for v in opt.state[p].values())   # moments and step
+
+
+def test_svd_pruning_lands_on_the_budget_and_trains(tmp_path):
+    res = _run(tmp_path, "svd", basis="oblique", init_s=0.01, target_rank=1.0, prune_by="svd",
+               prune_start=0.2, prune_end=0.7)
+    layers = debora.adapter_layers(res.model)
+    assert sum(debora.rank_pattern(res.model).values()) == len(layers)
+    for layer in layers.values():                       # rank 1 per layer, unit columns (oblique)
+        if layer.rank:
+            torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(layer.rank), atol=1e-4, rtol=0)
+    assert res.summary["eval_acc_end"] >= 0.0 and res.summary["rank_end"] == len(layers)
+
+
+def test_a_zero_constant_step_holds_s_and_the_svd_cut_still_lands_on_the_budget(tmp_path):
+    """fw_step_size = 0: no Frank-Wolfe step, s stays at init_s until the (global, SVD) cut at the end;
+    a global budget lets some layers reach rank 0."""
+    res = _run(tmp_path, "held", basis="euclidean", init_s=1.0, tau=48.0, budget="global", init_rank=4,
+               fw_step_size=0.0, prune_by="svd", prune_start=0.99, prune_end=1.0, target_rank=1.0)
+    ups = debora.upper_parameters(res.model)
+    assert sum(debora.rank_pattern(res.model).values()) == 12          # 1 × 12 layers, allocated globally
+    rec = [r for r in map(__import__("json").loads, open(tmp_path / "held" / "metrics.jsonl"))
+           if r["kind"] == "train"]
+    before_cut = [r for r in rec if r["total_rank"] == 48]
+    assert before_cut and all(not r["removed"] for r in before_cut)
+    first = before_cut[0]["s"]
+    assert all(v == pytest.approx(1.0) for vals in first.values() for v in vals)
+    assert all(r["s"] == first for r in before_cut)                      # s held until the cut
+    assert all(torch.isfinite(p).all() for p in ups.values())

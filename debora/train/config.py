@@ -57,7 +57,9 @@ class TrainConfig:
     target_rank: Optional[float] = 2.0     # final average rank per adapter, R* = target_rank × layers
     prune_start: float = 0.3               # fraction of the run where the cubic schedule k(n) starts
     prune_end: float = 0.9                 # ... and where it reaches R*
-    prune_by: str = "s"                    # which components go first: smallest "s", or "random" (ablation)
+    prune_by: str = "s"                    # which components go first: smallest "s"; "svd": re-factorise the
+                                           # layers that lose components (debora/refactor.py), smallest σ
+                                           # first; "random" (ablation)
     # -- bilevel algorithm -------------------------------------------------------------------------
     split: str = "same"                    # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
     estimator: str = "first-order"
@@ -68,7 +70,8 @@ class TrainConfig:
     fw: str = "away"
     fw_step: str = "constant"
     fw_lipschitz: Optional[float] = 10.0   # M of the short step; None = estimated (secant)
-    fw_step_size: float = 0.05             # constant step (fw_step="constant")
+    fw_step_size: float = 0.05             # constant step (fw_step="constant"); 0 holds s at init_s (no
+                                           # Frank-Wolfe steps: the ablation "no upper level")
     gap_tol: float = 0.0                   # p̃
     gap_patience: int = 5                  # s is frozen after this many consecutive FW gaps <= p̃
     truncate_from: Union[int, float] = 0.1  # n0: outer iteration (int), or a fraction of all iterations
@@ -118,7 +121,7 @@ class TrainConfig:
 
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
-                              ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "random"))):
+                              ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise ValueError(f"tau (τ, the rank budget) must be > 0, got {self.tau!r}")
@@ -166,9 +169,9 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.gap_tol < 0:
             raise ValueError(f"gap_tol (p̃) must be >= 0, got {self.gap_tol!r}")
-        if (self.fw_lipschitz is not None and self.fw_lipschitz <= 0) or self.fw_step_size <= 0:
-            raise ValueError(f"fw_lipschitz (M) and fw_step_size must be > 0, got {self.fw_lipschitz!r}, "
-                             f"{self.fw_step_size!r}")
+        if (self.fw_lipschitz is not None and self.fw_lipschitz <= 0) or self.fw_step_size < 0:
+            raise ValueError(f"fw_lipschitz (M) must be > 0 and fw_step_size >= 0 (0 holds s fixed), got "
+                             f"{self.fw_lipschitz!r}, {self.fw_step_size!r}")
         if self.init_s is not None and not (isinstance(self.init_s, (int, float)) and math.isfinite(self.init_s)
                                             and self.init_s >= self.eps):
             raise ValueError(f"init_s must be a finite number >= eps = {self.eps:g}, got {self.init_s!r}")

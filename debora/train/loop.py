@@ -224,7 +224,9 @@ class Trainer:
             return self._fw_solver
         cfg = self.cfg
         S = feasible_set(layout, cfg.tau, cfg.eps, cfg.budget)
-        self._fw_solver = make_solver(cfg.fw, S, step_rule(cfg.fw_step, cfg.fw_lipschitz, cfg.fw_step_size),
+        # a constant step of 0 holds s (s_frozen from the start, see init_state): the rule is never used
+        size = cfg.fw_step_size if cfg.fw_step_size > 0 else 1.0
+        self._fw_solver = make_solver(cfg.fw, S, step_rule(cfg.fw_step, cfg.fw_lipschitz, size),
                                       cfg.gap_tol)
         return self._fw_solver
 
@@ -236,8 +238,9 @@ class Trainer:
         fw_solver = self.make_fw(layout)
         fw_state = fw_solver.init(self.s_vector())
         d1, d2, d2_est = self.samplers()
+        held = cfg.fw_step == "constant" and cfg.fw_step_size == 0     # s held at init_s: no FW steps
         return TrainState(iteration=0, fw_state=fw_state, optimizer=self.make_optimizer(), layout=layout,
-                          d1=d1, d2=d2, d2_est=d2_est)
+                          d1=d1, d2=d2, d2_est=d2_est, s_frozen=held)
 
     # -- algorithm pieces -------------------------------------------------------------------------
     def lower_steps(self, state: TrainState, acc: Dict[str, torch.Tensor]) -> None:
@@ -450,16 +453,40 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)   # resumable
         if self.cfg.prune_by == "random":    # ablation: the same count, components chosen at random
             key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
+        elif self.cfg.prune_by == "svd":     # σ of each layer's ΔW (descending): its cheapest cuts last
+            if int(alive.sum()) <= k:
+                return torch.zeros_like(alive)
+            key = self.singular_key(state.layout).to(x.dtype)
+            protected = torch.zeros_like(alive)
+            for sl in slices:
+                if x[sl].numel():
+                    protected[sl.start + int(torch.argmax(key[sl]))] = True
         force = smallest_beyond(key, alive, k, protected, generator=gen)
         if not bool(force.any()):
             return force
         fw_state = state.fw_state
         S = fw_state.set
         floor = S.floor(dtype=fw_state.x.dtype, device=fw_state.x.device)
-        x_new = torch.where(force.to(fw_state.x.device), floor, fw_state.x)
+        x_now = fw_state.x
+        if self.cfg.prune_by == "svd":
+            # the layers that lose components are re-factorised in their singular directions first
+            # (same ΔW, s = σ sorted), so the cut components are the tail of each layer's SVD
+            offsets = state.layout.offsets
+            names = [name[: -len(".s")] for name, size in zip(state.layout.names, state.layout.sizes)
+                     if size and bool(force[offsets[name]:offsets[name] + size].any())]
+            debora.svd_refactor(self.model, names, optimizer=state.optimizer)
+            x_now = self.s_vector().to(device=fw_state.x.device, dtype=fw_state.x.dtype)
+        x_new = torch.where(force.to(fw_state.x.device), floor, x_now)
         fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
         state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
         return force
+
+    def singular_key(self, layout: SLayout) -> torch.Tensor:
+        """σ(ΔW)/scaling of every adapter (descending per layer; CP adapters: their s), in s order."""
+        layers = debora.adapter_layers(self.model)
+        parts = [debora.singular_values(layers[name[: -len(".s")]]).cpu()
+                 for name in layout.names]
+        return torch.cat(parts) if parts else torch.zeros(0)
 
     def _nonfinite(self, state: TrainState, message: str) -> None:
         count = state.skipped_lower + state.skipped_upper

@@ -1,0 +1,101 @@
+"""SVD re-factorisation of matrix adapters: the same update ΔW, written in its singular directions.
+
+    sig = debora.singular_values(layer)                    # σ(ΔW)/scaling, descending, length r
+    debora.svd_refactor(model, names=[...], optimizer=opt) # in place; the model's outputs are unchanged
+
+A matrix adapter's update is ΔW = scaling · U diag(s) Vᵀ (rank r). With thin QR factorisations
+U = Q_U R_U and V = Q_V R_V, the r×r core R_U diag(s) R_Vᵀ = P diag(σ) Qᵀ gives
+
+    ΔW = scaling · (Q_U P) diag(σ) (Q_V Q)ᵀ,
+
+so the new bases U' = Q_U P, V' = Q_V Q have orthonormal columns (they lie on the oblique and the
+Stiefel manifolds) and s' = σ, sorted in descending order. Cutting the last components of the
+re-factorised layer is then the best approximation of ΔW of that rank (Eckart–Young), and
+components that duplicate each other (the theory checks saw them collapse onto one direction) are
+merged instead of dropped one by one.
+
+Feasibility for Frank-Wolfe: with unit-norm columns ‖u_i v_iᵀ‖_* = 1, so Σ_j σ_j = ‖U diag(s) Vᵀ‖_* ≤
+Σ_i s_i: a point of {s ≥ ε, Σ s ≤ τ + rε} stays in the set (up to the floor: a σ_j below ε is raised
+to ε, which changes ΔW by at most scaling·ε in that direction). With Euclidean bases s is only
+defined up to a rescaling of the bases; there s' = c·σ with c ≤ 1 chosen so that Σ s' ≤ Σ s, and the
+output bases carry 1/c, so ΔW is exactly unchanged.
+
+The Parameters are updated in place (same objects, same shapes), so optimizers, DDP wrappers and
+parameter names are untouched; pass ``optimizer=`` to reset the optimizer's state of the re-factorised
+bases (their coordinates changed, so moments in the old coordinates mean nothing; Adam restarts its
+bias correction for them). CP (conv) adapters have no SVD and are left alone.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .layers import adapter_layers
+from .layers.linear import MatrixAdapter
+
+
+@torch.no_grad()
+def _svd(layer: MatrixAdapter) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, σ, Q) in float64 with U diag(s) Vᵀ = P diag(σ) Qᵀ (without ``scaling``)."""
+    U, V, s = layer.U.double(), layer.V.double(), layer.s.double()
+    qu, ru = torch.linalg.qr(U)
+    qv, rv = torch.linalg.qr(V)
+    p, sig, qt = torch.linalg.svd((ru * s) @ rv.transpose(0, 1))
+    return qu @ p, sig, qv @ qt.transpose(0, 1)
+
+
+@torch.no_grad()
+def singular_values(layer: nn.Module) -> torch.Tensor:
+    """σ(U diag(s) Vᵀ) of a matrix adapter (descending, in s's units: ΔW's singular values / scaling).
+    For a CP adapter, or at rank 0, its ``s`` as it is."""
+    if not isinstance(layer, MatrixAdapter) or layer.rank == 0:
+        return layer.s.detach().clone()
+    return _svd(layer)[1].to(layer.s.dtype)
+
+
+@torch.no_grad()
+def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, torch.Tensor]:
+    """Re-factorise the matrix adapters ``names`` (default: all) in place; returns ``{name: new s}``."""
+    layers = adapter_layers(model)
+    wanted = list(layers) if names is None else list(names)
+    unknown = [n for n in wanted if n not in layers]
+    if unknown:
+        raise ValueError(f"not adapter layers: {unknown}; known: {list(layers)[:5]}...")
+    eps = _eps(model)
+    out: Dict[str, torch.Tensor] = {}
+    for name in wanted:
+        layer = layers[name]
+        if not isinstance(layer, MatrixAdapter) or layer.rank == 0:
+            continue
+        P, sig, Q = _svd(layer)
+        if layer.basis == "euclidean":
+            c = min(1.0, float(layer.s.double().sum()) / max(float(sig.sum()), 1e-300))
+            s_new = (c * sig).clamp_min(eps)
+            P = P * (sig / s_new)                 # U' diag(s') = P diag(σ): ΔW exactly unchanged
+        else:
+            s_new = sig.clamp_min(eps)
+        layer.s.copy_(s_new.to(layer.s.dtype))
+        layer.U.copy_(P.to(layer.U.dtype))
+        layer.V.copy_(Q.to(layer.V.dtype))
+        if optimizer is not None:
+            for p in (layer.U, layer.V):
+                _reset_state(optimizer, p)
+        out[name] = layer.s.detach().clone()
+    return out
+
+
+def _eps(model) -> float:
+    from .inject import get_config
+    return float(get_config(model).eps)
+
+
+def _reset_state(opt: torch.optim.Optimizer, p: nn.Parameter) -> None:
+    state = opt.state.get(p)
+    if not state:
+        return
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            v.zero_()          # moments and the step counter (Adam's bias correction restarts)
