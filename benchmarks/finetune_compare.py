@@ -140,6 +140,19 @@ def run_peft(spec, on_trained=None) -> dict:
         task_type = None
     targets = default_targets(model, task)
     to_save = default_modules_to_save(model, task)
+    if task == "image":
+        # PEFT builds lora_A/lora_B with the target's own class; EfficientNet's static-"same"-padding
+        # Conv2d subclass cannot be built without an image size. The targets (default_targets) are plain
+        # Conv2d or 1×1 stride-1 ones, whose padding is the identity: present them to PEFT as nn.Conv2d
+        # (the same output, checked below).
+        named = dict(model.named_modules())
+        probe = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            ref = model.eval()(probe)
+            for name in targets:
+                if type(named[name]) is not torch.nn.Conv2d:
+                    named[name].__class__ = torch.nn.Conv2d
+            torch.testing.assert_close(model(probe), ref)
     steps_per_epoch = math.ceil(len(pool) / spec["batch_size"])
     total = max(1, math.ceil(spec["epochs"] * steps_per_epoch))
     method = spec["method"]

@@ -140,6 +140,29 @@ def lora_probe(args):
     return rec
 
 
+def _label(rec) -> str:
+    cfg = rec["config"]
+    if "lora" in cfg:
+        return f"PEFT LoRA r={cfg['lora']}"
+    if not cfg:
+        return "dEBORA default, unpruned (oblique, FW)"
+    return "dEBORA unpruned, " + ", ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+def report(path: str) -> str:
+    """A markdown table of the records in ``path`` (accuracy in %, '–' where a rule was not run)."""
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    cols = [f"{rule}@{k}" for k in (1, 2) for rule in ("s-per-layer", "s-global", "random", "svd-per-layer",
+                                                       "svd-global")]
+    head = ("| trained rank-8 adapter | seed | full | " + " | ".join(c.replace("@", " k=") for c in cols)
+            + " |\n|---|---:|---:|" + "---:|" * len(cols))
+    rows = []
+    for r in recs:
+        cells = [f"{100 * r['cuts'][c]['acc']:.1f}" if c in r["cuts"] else "–" for c in cols]
+        rows.append(f"| {_label(r)} | {r['seed']} | {100 * r['full']:.1f} | " + " | ".join(cells) + " |")
+    return head + "\n" + "\n".join(rows)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", default="rotten-tomatoes")
@@ -150,7 +173,11 @@ def main(argv=None):
     ap.add_argument("--debora", default="{}", help="JSON TrainConfig overrides")
     ap.add_argument("--lora", type=int, default=0, help="probe PEFT LoRA of this rank instead")
     ap.add_argument("--out", default="benchmarks/results/truncation_probe.jsonl")
+    ap.add_argument("--report", action="store_true", help="print the table of --out's records, no runs")
     args = ap.parse_args(argv)
+    if args.report:
+        print(report(args.out))
+        return
     if args.lora:
         rec = lora_probe(args)
         print(json.dumps(rec))

@@ -346,3 +346,12 @@ def test_a_zero_constant_step_holds_s_and_the_svd_cut_still_lands_on_the_budget(
     assert all(v == pytest.approx(1.0) for vals in first.values() for v in vals)
     assert all(r["s"] == first for r in before_cut)                      # s held until the cut
     assert all(torch.isfinite(p).all() for p in ups.values())
+
+
+def test_the_svd_cut_preset_lands_on_the_budget_with_some_layers_at_rank_zero_allowed(tmp_path):
+    from debora.train.config import PRESETS
+    res = _run(tmp_path, "preset", **dict(PRESETS["svd-cut"], init_rank=4, target_rank=2.0))
+    ranks = debora.rank_pattern(res.model)
+    assert sum(ranks.values()) == 24 and max(ranks.values()) <= 4          # 2 × 12 layers, globally
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    assert res.summary["adapter_end"] < res.summary["adapter_start"]

@@ -241,6 +241,14 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   lr=1e-3, init_s=None, target_rank=None, truncate_from=10, fused_first_order=False),
     "default": dict(max_examples=4000, epochs=2.0, batch_size=32, max_length=48, eval_every=125,
                     max_eval_examples=1000, threads=1),
+    # README, "Rank selection", round 2: train the rank-r0 adapter as LoRA trains (Euclidean bases,
+    # s held at 1: no Frank-Wolfe steps), then one cut at the last iteration to target_rank × layers
+    # components, re-factorised by SVD and allocated over all layers by singular value. τ plays no
+    # part while s is held; it is only large enough for s0 = 1 to be feasible under a global budget.
+    # Matrix (Linear) adapters only: CP conv adapters have no SVD (they would be cut by s).
+    "svd-cut": dict(basis="euclidean", init_s=1.0, budget="global", tau=1e6, fw_step="constant",
+                    fw_step_size=0.0, prune_by="svd", prune_start=0.99, prune_end=1.0, split="same",
+                    estimator="first-order"),
 }
 
 
