@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("--config", metavar="FILE", help="YAML or JSON file of TrainConfig values")
     tr.add_argument("--preset", help="named preset: default (the field defaults, sized for the offline "
-                                      "demo) | paper (the paper's algorithm)")
+                                      "demo) | paper (the paper's algorithm) | svd-cut (LoRA-style training "
+                                      "with s held, one global SVD cut to --target-rank at the end; Linear "
+                                      "adapters)")
     for flag, dest, typ, help_ in FLAGS:
         tr.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     tr.add_argument("--export-peft", dest="export_peft", action="store_true", default=None,
