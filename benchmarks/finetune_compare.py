@@ -312,10 +312,18 @@ def _fmt(values, pct=False, digits=1):
 
 
 def groups(records, task):
+    """{(method, setting): records} of the reported runs; a setting run at several lrs is split into
+    one group per lr (its label then names the lr), never averaged across lrs."""
+    rep = [r for r in records if r["task"] == task and r.get("phase", "report") == "report"]
+    lrs = {}
+    for r in rep:
+        lrs.setdefault((r["method"], r["setting"]), set()).add(float(r["lr"]))
     out = {}
-    for r in records:
-        if r["task"] == task and r.get("phase", "report") == "report":
-            out.setdefault((r["method"], r["setting"]), []).append(r)
+    for r in rep:
+        label = r["setting"]
+        if len(lrs[(r["method"], label)]) > 1:
+            label = f"{label}, lr {float(r['lr']):g}"
+        out.setdefault((r["method"], label), []).append(r)
     return out
 
 
