@@ -33,18 +33,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import debora  # noqa: E402
+from debora.refactor import _svd  # noqa: E402
 from debora.train import TrainConfig, train  # noqa: E402
 
 
 @torch.no_grad()
 def layer_svd(layer):
-    """(P, σ, Q) with scaling·U diag(s) Vᵀ = P diag(σ) Qᵀ, P and Q with orthonormal columns."""
-    U, V, s = layer.U.double(), layer.V.double(), layer.s.double()
-    qu, ru = torch.linalg.qr(U)
-    qv, rv = torch.linalg.qr(V)
-    core = (ru * (s * layer.scaling)) @ rv.T
-    p, sig, qt = torch.linalg.svd(core)
-    return qu @ p, sig, qv @ qt.T
+    """(P, σ, Q) with scaling·U diag(s) Vᵀ = P diag(σ) Qᵀ (debora.refactor's factorisation)."""
+    P, sig, Q = _svd(layer)
+    return P, sig * layer.scaling, Q
 
 
 @torch.no_grad()
