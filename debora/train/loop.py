@@ -445,22 +445,19 @@ class Trainer:
         k = self.rank_budget(state.iteration)
         x = state.fw_state.x.detach().cpu()
         alive = torch.ones_like(x, dtype=torch.bool)
-        protected = torch.zeros_like(alive)
-        for sl in slices:                         # a block's largest live component always stays
-            if x[sl].numel():
-                protected[sl.start + int(torch.argmax(x[sl]))] = True
+        if int(alive.sum()) <= k:
+            return torch.zeros_like(alive)
         key = x
         gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)   # resumable
         if self.cfg.prune_by == "random":    # ablation: the same count, components chosen at random
             key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
         elif self.cfg.prune_by == "svd":     # σ of each layer's ΔW (descending): its cheapest cuts last
-            if int(alive.sum()) <= k:
-                return torch.zeros_like(alive)
             key = self.singular_key(state.layout).to(x.dtype)
-            protected = torch.zeros_like(alive)
-            for sl in slices:
-                if x[sl].numel():
-                    protected[sl.start + int(torch.argmax(key[sl]))] = True
+        size = key if self.cfg.prune_by == "svd" else x   # what "largest" means for the protection
+        protected = torch.zeros_like(alive)
+        for sl in slices:                         # a block's largest live component always stays
+            if x[sl].numel():
+                protected[sl.start + int(torch.argmax(size[sl]))] = True
         force = smallest_beyond(key, alive, k, protected, generator=gen)
         if not bool(force.any()):
             return force
