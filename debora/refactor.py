@@ -23,7 +23,13 @@ output bases carry 1/c, so ΔW is exactly unchanged.
 The Parameters are updated in place (same objects, same shapes), so optimizers, DDP wrappers and
 parameter names are untouched; pass ``optimizer=`` to reset the optimizer's state of the re-factorised
 bases (their coordinates changed, so moments in the old coordinates mean nothing; Adam restarts its
-bias correction for them). CP (conv) adapters have no SVD and are left alone.
+bias correction for them).
+
+CP adapters of 1×1 convolutions (the pointwise convs that carry most of a MobileNet/EfficientNet's
+weights) are matrix adapters in disguise: with kh = kw = 1, ΔK[:, :, 0, 0] = scaling · A diag(s ∘ c ∘ d) Bᵀ
+where c_i = C[0, i] and d_i = D[0, i] are scalars (±1 on the oblique manifold). They are re-factorised
+the same way with U = A, V = B and weights s ∘ c ∘ d; afterwards C = D = 1. CP adapters with a larger
+kernel have no SVD (a CP decomposition has no Eckart–Young theorem) and are left alone.
 """
 from __future__ import annotations
 
@@ -33,13 +39,29 @@ import torch
 from torch import nn
 
 from .layers import adapter_layers
+from .layers.conv import CPConv2dAdapter
 from .layers.linear import MatrixAdapter
 
 
+def has_svd(layer: nn.Module) -> bool:
+    """True for matrix adapters and 1×1 CP conv adapters (whose update is a matrix), at rank ≥ 1."""
+    if isinstance(layer, CPConv2dAdapter):
+        return layer.kh == 1 and layer.kw == 1 and layer.rank > 0
+    return isinstance(layer, MatrixAdapter) and layer.rank > 0
+
+
+def _factors(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, V, w) in float64 with the update = scaling · U diag(w) Vᵀ."""
+    if isinstance(layer, CPConv2dAdapter):
+        w = layer.s.double() * layer.C.double()[0] * layer.D.double()[0]
+        return layer.A.double(), layer.B.double(), w
+    return layer.U.double(), layer.V.double(), layer.s.double()
+
+
 @torch.no_grad()
-def _svd(layer: MatrixAdapter) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, σ, Q) in float64 with U diag(s) Vᵀ = P diag(σ) Qᵀ (without ``scaling``)."""
-    U, V, s = layer.U.double(), layer.V.double(), layer.s.double()
+def _svd(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, σ, Q) in float64 with U diag(w) Vᵀ = P diag(σ) Qᵀ (without ``scaling``)."""
+    U, V, s = _factors(layer)
     qu, ru = torch.linalg.qr(U)
     qv, rv = torch.linalg.qr(V)
     p, sig, qt = torch.linalg.svd((ru * s) @ rv.transpose(0, 1))
@@ -48,9 +70,9 @@ def _svd(layer: MatrixAdapter) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 @torch.no_grad()
 def singular_values(layer: nn.Module) -> torch.Tensor:
-    """σ(U diag(s) Vᵀ) of a matrix adapter (descending, in s's units: ΔW's singular values / scaling).
-    For a CP adapter, or at rank 0, its ``s`` as it is."""
-    if not isinstance(layer, MatrixAdapter) or layer.rank == 0:
+    """σ(U diag(s) Vᵀ) of a matrix adapter or a 1×1 CP adapter (descending, in s's units: ΔW's
+    singular values / scaling). For another CP adapter, or at rank 0, its ``s`` as it is."""
+    if not has_svd(layer):
         return layer.s.detach().clone()
     return _svd(layer)[1].to(layer.s.dtype)
 
@@ -58,7 +80,8 @@ def singular_values(layer: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
                  optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, torch.Tensor]:
-    """Re-factorise the matrix adapters ``names`` (default: all) in place; returns ``{name: new s}``."""
+    """Re-factorise the matrix and 1×1 CP adapters ``names`` (default: all) in place; returns
+    ``{name: new s}`` for the layers it re-factorised (others are left alone)."""
     layers = adapter_layers(model)
     wanted = list(layers) if names is None else list(names)
     unknown = [n for n in wanted if n not in layers]
@@ -68,7 +91,7 @@ def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
     out: Dict[str, torch.Tensor] = {}
     for name in wanted:
         layer = layers[name]
-        if not isinstance(layer, MatrixAdapter) or layer.rank == 0:
+        if not has_svd(layer):
             continue
         P, sig, Q = _svd(layer)
         if layer.basis == "euclidean":
@@ -78,10 +101,16 @@ def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
         else:
             s_new = sig.clamp_min(eps)
         layer.s.copy_(s_new.to(layer.s.dtype))
-        layer.U.copy_(P.to(layer.U.dtype))
-        layer.V.copy_(Q.to(layer.V.dtype))
+        if isinstance(layer, CPConv2dAdapter):
+            rotated = (layer.A, layer.B, layer.C, layer.D)
+            layer.C.fill_(1.0)                    # the signs c_i d_i now live in P's columns
+            layer.D.fill_(1.0)
+        else:
+            rotated = (layer.U, layer.V)
+        rotated[0].copy_(P.to(rotated[0].dtype))
+        rotated[1].copy_(Q.to(rotated[1].dtype))
         if optimizer is not None:
-            for p in (layer.U, layer.V):
+            for p in rotated:
                 _reset_state(optimizer, p)
         out[name] = layer.s.detach().clone()
     return out

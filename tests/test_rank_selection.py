@@ -355,3 +355,81 @@ def test_the_svd_cut_preset_lands_on_the_budget_with_some_layers_at_rank_zero_al
     assert sum(ranks.values()) == 24 and max(ranks.values()) <= 4          # 2 × 12 layers, globally
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
     assert res.summary["adapter_end"] < res.summary["adapter_start"]
+
+
+@pytest.mark.parametrize("basis", ["oblique", "stiefel", "euclidean"])
+def test_svd_refactor_of_pointwise_cp_conv_adapters_keeps_the_kernel(basis):
+    """A 1×1 CP adapter is the matrix A diag(s∘c∘d) Bᵀ: re-factorised like a matrix adapter (same ΔK
+    to 1e-12 in float64, s = σ(ΔK)/scaling, C = D = 1, Eckart–Young tail); a 3×3 CP adapter has no SVD
+    and is left exactly as it was."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(6, 5, 1), torch.nn.ReLU(), torch.nn.Conv2d(5, 4, 3, padding=1))
+    model = debora.inject(net.double().eval(), debora.DeboraConfig(target_modules=["0", "2"], init_rank=4,
+                                                                   basis=basis))
+    gen = torch.Generator().manual_seed(1)
+    layers = debora.adapter_layers(model)
+    for layer in layers.values():
+        with torch.no_grad():
+            for n in layer.basis_names:
+                P = getattr(layer, n)
+                P.copy_(debora.manifolds.random_point(layer.basis_kinds[n], P.shape[0], 4, gen,
+                                                      torch.float64))
+            layer.s.copy_(torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64))
+    pw, k3 = layers["0"], layers["2"]
+    if basis != "euclidean":                                          # 1×1 factors: ±1 on the oblique set
+        torch.testing.assert_close(pw.C.abs(), torch.ones_like(pw.C), rtol=0, atol=1e-12)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64, generator=gen)
+    before = model(x)
+    dk = {n: l.delta_weight().clone() for n, l in layers.items()}
+    k3_before = {n: getattr(k3, n).clone() for n in (*k3.basis_names, "s")}
+    assert debora.singular_values(k3).tolist() == k3.s.tolist()      # no SVD: its s as it is
+    out = debora.svd_refactor(model)
+    assert list(out) == ["0"]
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-12)
+    for n in (*k3.basis_names, "s"):
+        assert torch.equal(getattr(k3, n), k3_before[n])
+    torch.testing.assert_close(pw.delta_weight(), dk["0"], rtol=0, atol=1e-12)
+    sig = torch.linalg.svdvals(dk["0"][:, :, 0, 0]) / pw.scaling
+    assert torch.equal(pw.C, torch.ones_like(pw.C)) and torch.equal(pw.D, torch.ones_like(pw.D))
+    assert torch.all(pw.s[:-1] >= pw.s[1:]) and float(pw.s.sum()) <= 0.65 + 1e-12
+    if basis != "euclidean":
+        torch.testing.assert_close(pw.s, sig[:4], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(debora.singular_values(pw), sig[:4], rtol=1e-10, atol=1e-12)
+    pw.keep_(torch.arange(2))
+    err = torch.linalg.matrix_norm((pw.delta_weight() - dk["0"])[:, :, 0, 0]) / pw.scaling
+    torch.testing.assert_close(err, sig[2:4].norm(), rtol=1e-9, atol=1e-12)
+
+
+def test_the_svd_cut_preset_on_the_packaged_cnn_cuts_its_pointwise_cp_adapters(tmp_path, monkeypatch):
+    """The image path: the packaged EfficientNet-Lite0's adapted convolutions are 1×1 (its k×k ones are
+    depthwise), so the svd-cut preset re-factorises and cuts them by singular value, without the
+    "no SVD" warning, and lands on target_rank × layers components."""
+    import gzip
+    import warnings
+    import numpy as np
+    from debora.train import TrainConfig
+    from debora.train.config import PRESETS
+
+    def idx(path, arr):
+        header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+        with gzip.open(path, "wb") as fh:
+            fh.write(header + arr.astype(np.uint8).tobytes())
+
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 16)):
+        idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    cfg = TrainConfig(**dict(PRESETS["svd-cut"], dataset="fashion-mnist", init_rank=2, target_rank=1.0,
+                             epochs=1.0, batch_size=16, image_size=32, eval_every=0, progress=False,
+                             plots=False, seed=0, device="cpu", output_dir=str(tmp_path / "run")))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*have no SVD.*")
+        res = train(cfg)
+    layers = debora.adapter_layers(res.model)
+    assert layers and all(isinstance(l, debora.layers.CPConv2dAdapter) and l.kh == l.kw == 1
+                          for l in layers.values())
+    assert sum(debora.rank_pattern(res.model).values()) == len(layers)       # 1 × layers, globally
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    cut = [l for l in layers.values() if l.rank == 1]       # re-factorised: s = c·σ, no longer held at 1
+    assert cut and all(float(l.s[0]) != 1.0 and torch.equal(l.C, torch.ones_like(l.C)) for l in cut)

@@ -245,7 +245,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # s held at 1: no Frank-Wolfe steps), then one cut at the last iteration to target_rank × layers
     # components, re-factorised by SVD and allocated over all layers by singular value. τ plays no
     # part while s is held; it is only large enough for s0 = 1 to be feasible under a global budget.
-    # Matrix (Linear) adapters only: CP conv adapters have no SVD (they would be cut by s).
+    # Matrix (Linear) adapters and 1×1 CP conv adapters (a matrix in disguise); CP adapters with a
+    # larger kernel have no SVD and would be cut by s (a warning says so).
     "svd-cut": dict(basis="euclidean", init_s=1.0, budget="global", tau=1e6, fw_step="constant",
                     fw_step_size=0.0, prune_by="svd", prune_start=0.99, prune_end=1.0, split="same",
                     estimator="first-order"),

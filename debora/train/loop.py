@@ -49,6 +49,7 @@ from .models import forward, inputs_fn, loss_fn
 from .split import Sampler
 
 from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
+from debora.refactor import has_svd  # noqa: E402
 
 
 class NonFiniteError(FloatingPointError):
@@ -479,10 +480,18 @@ class Trainer:
         return force
 
     def singular_key(self, layout: SLayout) -> torch.Tensor:
-        """σ(ΔW)/scaling of every adapter (descending per layer; CP adapters: their s), in s order."""
+        """σ(ΔW)/scaling of every adapter (descending per layer; CP adapters with a kernel larger than
+        1×1: their s), in s order."""
         layers = debora.adapter_layers(self.model)
-        parts = [debora.singular_values(layers[name[: -len(".s")]]).cpu()
-                 for name in layout.names]
+        chosen = [layers[name[: -len(".s")]] for name in layout.names]
+        no_svd = [n for n, layer in zip(layout.names, chosen) if layer.rank and not has_svd(layer)]
+        if no_svd and not getattr(self, "_warned_no_svd", False):
+            self._warned_no_svd = True
+            warnings.warn(f"prune_by='svd': {len(no_svd)} adapters have no SVD (CP adapters with a kernel "
+                          f"larger than 1×1, e.g. {no_svd[0][:-2]!r}); they are ranked by their s, which is "
+                          "not on the scale of the others' singular values. Leave them out of "
+                          "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
+        parts = [debora.singular_values(layer).cpu() for layer in chosen]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def _nonfinite(self, state: TrainState, message: str) -> None:
