@@ -28,6 +28,12 @@ Output: ``--json`` (a list, one record per finished run: task, method, setting, 
 adapter_params, wall, lr, rank, ...; runs already in the file are skipped, so a killed campaign
 resumes), a markdown table (``--out``), and one PNG per task of held-out accuracy against final
 trainable parameters (mean ± std over seeds) with each method's front (``--plot-dir``).
+
+Verdicts against issue 9's criteria (LoRA r=8's accuracy within its seed std at ≤ ⅓ of its adapter
+parameters; dominance of the LoRA/AdaLoRA points; ≥ AdaLoRA at the closest size; wall time over LoRA
+r=8's) are printed first with every method at its tuned lr (the lr its tuning records chose on this
+task, else on the task it was tuned on; a variant such as ``--debora-label "svd-cut, s held"`` is tuned
+apart), then at every lr that LoRA r=8 and dEBORA share, as a secondary view.
 """
 from __future__ import annotations
 
@@ -380,41 +386,119 @@ def table(records, tasks):
     return "\n".join(lines)
 
 
+def variant(setting: str) -> str:
+    """A setting label's variant: what follows its ``name=value`` ("target_rank=2 svd-cut, s held" →
+    "svd-cut, s held"; "r=8" → ""). Variants of one method are tuned and compared apart."""
+    return setting.partition(" ")[2]
+
+
+def tuned_lrs(records):
+    """{(task, family, variant): lr} chosen by the tuning records (phase "tune"): the best held-out
+    accuracy, ties to the smaller lr, as the campaign's protocol chooses it."""
+    best = {}
+    for r in records:
+        if r.get("phase") != "tune":
+            continue
+        key = (r["task"], family(r["method"]), variant(r["setting"]))
+        cand = (r["acc"], -float(r["lr"]))
+        if key not in best or cand > best[key]:
+            best[key] = cand
+    return {k: -v[1] for k, v in best.items()}
+
+
+def tuned_groups(records, task):
+    """({(method, setting): records} at each family's tuned lr, {(family, variant): (lr, how)}).
+
+    The lr of a family (and variant) is the one its tuning records chose on this task, else on the
+    one other task it was tuned on (the protocol tunes on the first task and reuses the lr); a family
+    never tuned counts only where it ran at a single lr ("untuned")."""
+    picks = tuned_lrs(records)
+    rep = [r for r in records if r["task"] == task and r.get("phase", "report") == "report"]
+    chosen, out = {}, {}
+    for key in sorted({(family(r["method"]), variant(r["setting"])) for r in rep}):
+        here = picks.get((task,) + key)
+        other = {lr for (t, *k), lr in picks.items() if tuple(k) == key and t != task}
+        lrs = {float(r["lr"]) for r in rep if (family(r["method"]), variant(r["setting"])) == key}
+        if here is not None:
+            chosen[key] = (here, "tuned here")
+        elif len(other) == 1:
+            chosen[key] = (other.pop(), "tuned on another task")
+        elif len(lrs) == 1:
+            chosen[key] = (next(iter(lrs)), "untuned")
+    for r in rep:
+        key = (family(r["method"]), variant(r["setting"]))
+        if key in chosen and float(r["lr"]) == chosen[key][0]:
+            out.setdefault((r["method"], r["setting"]), []).append(r)
+    return out, chosen
+
+
+def _mean(rs, field):
+    return statistics.mean(r[field] for r in rs)
+
+
+def _verdict_lines(g, task, where):
+    """The issue's criteria on one set of groups (every group at one lr)."""
+    lora8 = g.get(("lora-r8", "r=8"))
+    deb = {k: v for k, v in g.items() if k[0] == "debora"}
+    if not lora8 or not deb:
+        return []
+    name = os.path.basename(task)
+    m8, a8 = _mean(lora8, "acc"), _mean(lora8, "adapter_params")
+    sd8 = statistics.stdev([r["acc"] for r in lora8]) if len(lora8) > 1 else 0.0
+    best = None
+    for (_, setting), rs in deb.items():
+        acc, ap = _mean(rs, "acc"), _mean(rs, "adapter_params")
+        if acc >= m8 - sd8 and ap <= a8 / 3 and (best is None or ap < best[2]):
+            best = (setting, acc, ap, len(rs))
+    out = []
+    if best:
+        out.append(f"- {name} ({where}): dEBORA {best[0]} reaches {100 * best[1]:.2f}% over {best[3]} seeds "
+                   f"(LoRA r=8: {100 * m8:.2f} ± {100 * sd8:.2f}% over {len(lora8)}) with {best[2]:,.0f} "
+                   f"adapter parameters = {best[2] / a8:.2f}× LoRA r=8's: criterion 1 MET.")
+    else:
+        out.append(f"- {name} ({where}): no dEBORA setting matches LoRA r=8 ({100 * m8:.2f} ± "
+                   f"{100 * sd8:.2f}%) at ≤ ⅓ of its {a8:,.0f} adapter parameters: criterion 1 NOT met.")
+    # dominance: every competitor point needs a dEBORA point with no more parameters and no lower accuracy
+    dpts = [(_mean(rs, "params"), _mean(rs, "acc")) for rs in deb.values()]
+    rivals = {k: v for k, v in g.items() if k[0] != "debora"}
+    beaten = [f"{m} {s}" for (m, s), rs in sorted(rivals.items())
+              if any(p <= _mean(rs, "params") and a >= _mean(rs, "acc") for p, a in dpts)]
+    out.append(f"  - dominance: {len(beaten)} of {len(rivals)} LoRA/AdaLoRA points have a dEBORA point with "
+               f"no more parameters and no lower mean accuracy" + (f" ({', '.join(beaten)})" if beaten else ""))
+    for (_, setting), rs in sorted({k: v for k, v in rivals.items() if k[0] == "adalora"}.items()):
+        ap, aa = _mean(rs, "params"), _mean(rs, "acc")
+        (ds, drs) = min(deb.items(), key=lambda kv: abs(_mean(kv[1], "params") - ap))
+        dp, da = _mean(drs, "params"), _mean(drs, "acc")
+        out.append(f"  - vs AdaLoRA {setting} ({100 * aa:.2f}% at {ap:,.0f} params): dEBORA {ds[1]} "
+                   f"{100 * da:.2f}% at {dp:,.0f} ({dp / ap:.2f}×) → {'≥' if da >= aa else '<'} AdaLoRA")
+    w8 = _mean(lora8, "wall")
+    walls = ", ".join(f"{s} {_mean(rs, 'wall') / w8:.2f}×" for (_, s), rs in sorted(deb.items()))
+    out.append(f"  - wall time / LoRA r=8's ({w8:.0f} s; runs on a shared 2-core machine): {walls}")
+    return out
+
+
 def verdicts(records, tasks):
+    """The issue's criteria per task: at each family's tuned lr (the protocol), then at every lr that
+    LoRA r=8 and dEBORA share (a secondary view, labelled with that lr)."""
     out = []
     for task in tasks:
-        g = groups(records, task)
-        lora8 = g.get(("lora-r8", "r=8"))
-        deb = {k: v for k, v in g.items() if k[0] == "debora"}
-        if not lora8 or not deb:
-            continue
-        m8 = statistics.mean(r["acc"] for r in lora8)
-        sd8 = statistics.stdev([r["acc"] for r in lora8]) if len(lora8) > 1 else 0.0
-        a8 = statistics.mean(r["adapter_params"] for r in lora8)
-        best = None
-        for (_, setting), rs in deb.items():
-            acc = statistics.mean(r["acc"] for r in rs)
-            ap = statistics.mean(r["adapter_params"] for r in rs)
-            if acc >= m8 - sd8 and ap <= a8 / 3 and (best is None or ap < best[2]):
-                best = (setting, acc, ap)
-        if best:
-            out.append(f"- {os.path.basename(task)}: dEBORA {best[0]} reaches {100 * best[1]:.2f}% (LoRA r=8: "
-                       f"{100 * m8:.2f} ± {100 * sd8:.2f}%) with {best[2]:,.0f} adapter parameters = "
-                       f"{best[2] / a8:.2f}× LoRA r=8's: goal MET.")
-        else:
-            out.append(f"- {os.path.basename(task)}: no dEBORA setting matches LoRA r=8 ({100 * m8:.2f} ± "
-                       f"{100 * sd8:.2f}%) at ≤ ⅓ of its {a8:,.0f} adapter parameters: goal NOT met.")
-        ada = {k: v for k, v in g.items() if k[0] == "adalora"}
-        for (_, setting), rs in sorted(ada.items()):
-            ap = statistics.mean(r["params"] for r in rs)
-            aa = statistics.mean(r["acc"] for r in rs)
-            # the dEBORA setting closest in parameters
-            (ds, drs) = min(deb.items(), key=lambda kv: abs(statistics.mean(r["params"] for r in kv[1]) - ap))
-            dp = statistics.mean(r["params"] for r in drs)
-            da = statistics.mean(r["acc"] for r in drs)
-            out.append(f"  - vs AdaLoRA {setting} ({100 * aa:.2f}% at {ap:,.0f} params): dEBORA {ds[1]} "
-                       f"{100 * da:.2f}% at {dp:,.0f} ({dp / ap:.2f}×) → "
-                       f"{'≥' if da >= aa else '<'} AdaLoRA")
+        g, chosen = tuned_groups(records, task)
+        lines = _verdict_lines(g, task, "each method at its tuned lr")
+        if lines:
+            lines[0] += " lrs: " + "; ".join(
+                f"{fam}{' ' + var if var else ''} {lr:g} ({how})" for (fam, var), (lr, how) in sorted(chosen.items()))
+        out += lines
+        rep = [r for r in records if r["task"] == task and r.get("phase", "report") == "report"]
+        shared = sorted({float(r["lr"]) for r in rep if r["method"] == "lora-r8"}
+                        & {float(r["lr"]) for r in rep if r["method"] == "debora"})
+        for lr in shared:
+            if all(lr == c[0] for c in chosen.values()):
+                continue                      # the same view as above
+            g_lr = {}
+            for r in rep:
+                if float(r["lr"]) == lr:
+                    g_lr.setdefault((r["method"], r["setting"]), []).append(r)
+            out += _verdict_lines(g_lr, task, f"every method at lr {lr:g}")
     return out
 
 
