@@ -334,36 +334,42 @@ def groups(records, task):
 
 
 def plot_fronts(records, tasks, plot_dir):
+    """One PNG per task: held-out accuracy against final trainable parameters, one line per family
+    (and variant) and lr; solid lines at the family's tuned lr (``tuned_groups``), faded dashed lines
+    at any other lr."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     paths = []
     os.makedirs(plot_dir, exist_ok=True)
     for task in tasks:
-        g = groups(records, task)
-        if not g:
+        rep = [r for r in records if r["task"] == task and r.get("phase", "report") == "report"]
+        if not rep:
             continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        families = {}
-        for (method, setting), rs in g.items():
-            fam = "lora" if method.startswith("lora-r") else method
-            p = statistics.mean(r["params"] for r in rs)
-            a = [100 * r["acc"] for r in rs]
-            families.setdefault(fam, []).append((p, statistics.mean(a),
-                                                 statistics.stdev(a) if len(a) > 1 else 0.0, setting))
-        for fam, pts in sorted(families.items()):
-            pts.sort()
-            xs, ys, es = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=fam)
+        _, chosen = tuned_groups(records, task)
+        lines = {}
+        for r in rep:
+            fam = (family(r["method"]), variant(r["setting"]))
+            lines.setdefault((fam, float(r["lr"])), {}).setdefault((r["method"], r["setting"]), []).append(r)
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        for ((fam, var), lr), g in sorted(lines.items()):
+            tuned = chosen.get((fam, var), (None,))[0] == lr
+            pts = sorted((_mean(rs, "params"), 100 * _mean(rs, "acc"),
+                          100 * statistics.stdev([r["acc"] for r in rs]) if len(rs) > 1 else 0.0,
+                          setting.split(" ")[0].split("=")[-1]) for (_, setting), rs in g.items())
+            name = f"{fam}{' ' + var if var else ''}, lr {lr:g}" + ("" if tuned else " (not its tuned lr)")
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        capsize=3, label=name, linestyle="-" if tuned else "--", alpha=1.0 if tuned else 0.35)
             for p in pts:
-                ax.annotate(p[3].split("=")[-1], (p[0], p[1]), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7)
+                ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            alpha=1.0 if tuned else 0.5)
         ax.set_xscale("log")
         ax.set_xlabel("final trainable parameters (adapter + head)")
         ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(f"{os.path.basename(task)}: mean ± std over seeds")
+        ax.set_title(f"{os.path.basename(task)}: mean ± std over seeds (solid: each method at its tuned lr)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=6.5)
         fig.tight_layout()
         path = os.path.join(plot_dir, f"front_{os.path.splitext(os.path.basename(task))[0]}.png")
         fig.savefig(path, dpi=120)
