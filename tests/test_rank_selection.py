@@ -404,21 +404,12 @@ def test_the_svd_cut_preset_on_the_packaged_cnn_cuts_its_pointwise_cp_adapters(t
     """The image path: the packaged EfficientNet-Lite0's adapted convolutions are 1×1 (its k×k ones are
     depthwise), so the svd-cut preset re-factorises and cuts them by singular value, without the
     "no SVD" warning, and lands on target_rank × layers components."""
-    import gzip
     import warnings
-    import numpy as np
     from debora.train import TrainConfig
     from debora.train.config import PRESETS
+    from test_train_tiny import write_fake_fashion_mnist
 
-    def idx(path, arr):
-        header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
-        with gzip.open(path, "wb") as fh:
-            fh.write(header + arr.astype(np.uint8).tobytes())
-
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 48), ("t10k", 16)):
-        idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    write_fake_fashion_mnist(tmp_path, train=48, test=16)
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     cfg = TrainConfig(**dict(PRESETS["svd-cut"], dataset="fashion-mnist", init_rank=2, target_rank=1.0,
                              epochs=1.0, batch_size=16, image_size=32, eval_every=0, progress=False,

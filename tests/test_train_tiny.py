@@ -109,11 +109,10 @@ def test_column_guessing_and_pairs(tmp_path):
     assert raw.texts[0] == "s0" and raw.pairs is None
 
 
-def test_fashion_mnist_reader(tmp_path, monkeypatch):
+def write_fake_fashion_mnist(directory, train: int, test: int) -> None:
+    """Random 28×28 images with labels 0..9 cycling, in Fashion-MNIST's gzipped IDX files."""
     import gzip
     import numpy as np
-    from debora.train import TrainConfig
-    from debora.train.data import collate, image_examples, load_images
 
     def idx(path, arr):
         header = (0x0800 | arr.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
@@ -121,9 +120,16 @@ def test_fashion_mnist_reader(tmp_path, monkeypatch):
             fh.write(header + arr.astype(np.uint8).tobytes())
 
     rng = np.random.default_rng(0)
-    for prefix, n in (("train", 20), ("t10k", 8)):
-        idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
-        idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    for prefix, n in (("train", train), ("t10k", test)):
+        idx(directory / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 28, 28)))
+        idx(directory / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+
+
+def test_fashion_mnist_reader(tmp_path, monkeypatch):
+    from debora.train import TrainConfig
+    from debora.train.data import collate, image_examples, load_images
+
+    write_fake_fashion_mnist(tmp_path, train=20, test=8)
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
     raw = load_images(TrainConfig(dataset="fashion-mnist"))
     assert raw.images.shape == (20, 28, 28) and len(raw.eval) == 8 and raw.labels[13] == 3
