@@ -75,20 +75,30 @@ def _task_config(spec, **extra):
 def run_debora(spec) -> dict:
     import torch
     from debora.train import TrainConfig, train
+    from debora.train.batchnorm import batchnorm_layers
     overrides = _task_config(spec, epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
                              output_dir=spec["output_dir"], progress=False, plots=False, eval_every=0,
                              threads=spec.get("threads"), device=spec["device"], overwrite=True)
+    overrides["recalibrate_bn"] = spec.get("recalibrate_bn", True)
     overrides.update(spec.get("debora", {}))
     overrides.update(spec.get("setting_overrides", {}))
     cfg = TrainConfig.from_preset(spec.get("preset", "default"), **overrides)
     res = train(cfg)
+    bn = len(batchnorm_layers(res.model))
     s = res.summary
     wall = s["train_time_s"]     # the training loop with its evaluations at start and end (as PEFT's)
     head = s["trainable_end"] - s["adapter_end"]
     return {"acc": s["eval_acc_end"], "acc_start": s["eval_acc_start"], "params": s["trainable_end"],
             "adapter_params": s["adapter_end"], "head_params": head, "params_start": s["trainable_start"],
             "rank": s["rank_end"], "rank_start": s["rank_start"], "wall": wall,
-            "mem": _peak_memory_mb(torch.device(s["device"]))}
+            "mem": _peak_memory_mb(torch.device(s["device"])), "bn_stats": _bn_stats(cfg.recalibrate_bn, bn)}
+
+
+def _bn_stats(recalibrate: bool, layers: int) -> str:
+    """How the evaluated model's BatchNorm statistics were obtained: "none" (no BatchNorm layer),
+    "recalibrated" (recomputed on the training pool before each evaluation) or "running" (as training
+    left them)."""
+    return "none" if not layers else ("recalibrated" if recalibrate else "running")
 
 
 def _adalora_kept(model, pattern) -> tuple:
@@ -120,6 +130,7 @@ def run_peft(spec, on_trained=None) -> dict:
     from debora.train.data import collate, image_examples, load_raw, resolve_task, to_device, tokenize
     from debora.train.models import default_modules_to_save, default_targets, load_image_model, \
         load_text_model
+    from debora.train.batchnorm import batchnorm_layers, recalibrate_batchnorm
     from debora.train.run import resolve_device
     from debora.train.split import Sampler, make_splits
 
@@ -194,8 +205,13 @@ def run_peft(spec, on_trained=None) -> dict:
             return model(**{k: v for k, v in b.items() if k != "labels"}).logits
         return model(b["pixel_values"])
 
+    recalibrate = spec.get("recalibrate_bn", True)
+
     @torch.no_grad()
     def evaluate():
+        if recalibrate:   # as dEBORA's trainer does (debora.train.batchnorm): statistics of the pool
+            recalibrate_batchnorm(model, (batch_of(pool, range(i, min(len(pool), i + 128)))
+                                          for i in range(0, len(pool), 128)), lambda m, b: logits(b))
         model.eval()
         correct = 0
         for i in range(0, len(ev), 128):
@@ -232,7 +248,7 @@ def run_peft(spec, on_trained=None) -> dict:
         adapter, rank = lora, int(method[len("lora-r"):]) * len(targets)
     return {"acc": acc, "acc_start": acc_start, "params": adapter + head, "adapter_params": adapter,
             "head_params": head, "params_start": trainable_now, "rank": rank, "wall": wall,
-            "mem": _peak_memory_mb(device)}
+            "mem": _peak_memory_mb(device), "bn_stats": _bn_stats(recalibrate, len(batchnorm_layers(model)))}
 
 
 def worker(spec_json: str) -> None:
@@ -259,7 +275,7 @@ def settings_of(method: str, args):
 
 def _key(rec):
     return (rec["task"], rec["method"], rec["setting"], rec["seed"], rec.get("phase", "report"),
-            float(rec["lr"]))
+            float(rec["lr"]), bool(rec.get("recalibrate_bn", True)))
 
 
 def _load(paths):
@@ -298,7 +314,7 @@ def _run(spec, records, path, written):
     res = json.loads(line[-1][len("RESULT "):])
     rec = {"task": spec["task"], "method": spec["method"], "setting": spec["setting"], "seed": spec["seed"],
            "phase": spec.get("phase", "report"), "lr": spec["lr"], "examples": spec["examples"],
-           "epochs": spec["epochs"], **res}
+           "epochs": spec["epochs"], "recalibrate_bn": spec.get("recalibrate_bn", True), **res}
     records.append(rec)
     written.append(rec)
     if path:
@@ -536,6 +552,10 @@ def main(argv=None) -> int:
     ap.add_argument("--debora-label", default="",
                     help="appended to dEBORA's setting labels (a variant given by --debora), so that its "
                          "records and table rows stay apart from the default's")
+    ap.add_argument("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false",
+                    help="evaluate every method with BatchNorm's running statistics as training left them "
+                         "(default: recomputed on the training pool before each evaluation, for every "
+                         "method; no effect on models without BatchNorm)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default="benchmarks/results/fronts.json",
@@ -567,7 +587,7 @@ def main(argv=None) -> int:
                 batch_size=args.batch_size, max_length=args.max_length, image_size=args.image_size,
                 text_column=args.text_column, label_column=args.label_column,
                 adalora_init_r=args.adalora_init_r, preset=args.preset, debora=json.loads(args.debora),
-                device=args.device, threads=args.threads)
+                device=args.device, threads=args.threads, recalibrate_bn=args.recalibrate_bn)
 
     def spec(task, method, setting, seed, lr, phase):
         label, value, overrides = setting

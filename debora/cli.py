@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--allow-many-classes", dest="allow_many_classes", action="store_true", default=None,
                     help="accept a label column with more distinct values than half the rows (by default "
                          "refused: it looks like an ID or text column)")
+    tr.add_argument("--no-recalibrate-bn", dest="recalibrate_bn", action="store_false", default=None,
+                    help="evaluate with BatchNorm's running statistics as training left them (default: "
+                         "recompute them on D2 before every evaluation; models without BatchNorm: no effect)")
     tr.add_argument("--no-plots", dest="plots", action="store_false", default=None, help="skip the PNG plots")
     tr.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                     help="no progress bar")

@@ -87,6 +87,8 @@ class TrainConfig:
     max_iterations: Optional[int] = None   # cap on outer iterations
     batch_size: int = 32
     eval_batch_size: int = 128
+    recalibrate_bn: bool = True            # before every evaluation: BatchNorm running statistics
+                                           # recomputed on D2 (batchnorm.py); no-op without BatchNorm
     grad_accum: int = 1
     eval_every: int = 50                   # outer iterations; 0 = only at the start and the end
     log_every: int = 1

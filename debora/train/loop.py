@@ -41,6 +41,7 @@ import debora
 
 from . import checkpoint as ckpt
 from . import distributed as distmod
+from .batchnorm import recalibrate_batchnorm
 from .budget import scheduled_count, smallest_beyond
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
@@ -505,6 +506,21 @@ class Trainer:
                                  f"{self.cfg.max_nonfinite}); lower the learning rate or check the data. "
                                  "The last good checkpoint (if any) is untouched")
 
+    def recalibrate_bn(self) -> int:
+        """BatchNorm running statistics recomputed on all of D2 for the current weights (every process
+        runs all of D2, unsharded: the same statistics everywhere); returns the number of BatchNorm
+        layers (0: none, nothing run). See :mod:`debora.train.batchnorm`."""
+        if not self.cfg.recalibrate_bn:
+            return 0
+        ex, bs, task = self.d2, self.cfg.eval_batch_size, self.task
+        batches = (to_device(collate(ex, range(i, min(len(ex), i + bs)), self.cfg.image_size), self.device)
+                   for i in range(0, len(ex), bs))
+
+        def run(model, batch):
+            with self.autocast():
+                forward(model, task, batch)
+        return recalibrate_batchnorm(self.model, batches, run)
+
     @torch.no_grad()
     def evaluate(self, examples: Optional[Examples] = None) -> Dict[str, float]:
         ex = examples if examples is not None else self.eval_examples
@@ -690,6 +706,7 @@ class Trainer:
         t0 = time.perf_counter() - state.elapsed
         self.rewrap()
         if state.iteration == 0 and "eval_start" not in state.history:
+            self.recalibrate_bn()
             ev = self.evaluate()
             state.history["eval_start"] = ev
             state.history["counts_start"] = self.counts()
@@ -754,6 +771,7 @@ class Trainer:
                                         gap=f"{rec['fw_gap']:.2e}" if rec["fw_gap"] is not None else "-",
                                         rank=rec["total_rank"], refresh=False)
                 if (cfg.eval_every and state.iteration % cfg.eval_every == 0) or last:
+                    self.recalibrate_bn()
                     ev = self.evaluate()
                     if not math.isfinite(ev["eval_loss"]):   # finite parameters, non-finite outputs
                         raise NonFiniteError(
