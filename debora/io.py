@@ -3,20 +3,25 @@
     debora.save_pretrained(model, "out/")        # out/debora_config.json, out/adapter_model.safetensors
     model = debora.from_pretrained(base_model, "out/")
 
-``debora_config.json`` holds ``format`` (``"debora-adapter"``), ``format_version`` (currently 2), the
+``debora_config.json`` holds ``format`` (``"debora-adapter"``), ``format_version`` (currently 3), the
 :class:`DeboraConfig`, one entry per adapter layer (class of the base layer, base weight shape, current
 rank, scaling, basis, whether ΔW0 was folded into the base weight), the ``modules_to_save`` names, the
 shape of every stored tensor, the SHA-256 of the weights file and (version 2) ``config_sha256``, the
 SHA-256 of the config itself (its canonical JSON without that field), so that an edited or corrupted
 ``scaling``, rank or basis is refused like corrupted weights. The safetensors file holds, under
 their model names, every layer's ``s`` and bases, the folded initial factors (``U0``, ``V0`` /
-``A0`` … ``D0``, oblique/Stiefel only) and the state of ``modules_to_save``.
+``A0`` … ``D0``, oblique/Stiefel only), the state of ``modules_to_save`` and (version 3) the running
+statistics of the base model's BatchNorm layers (``running_mean``, ``running_var``,
+``num_batches_tracked``; their names under ``batchnorm``). Fine-tuning changes those statistics (the
+trainer recomputes them for the trained weights, :mod:`debora.train.batchnorm`), so without them a
+loaded CNN would normalise with the pretrained ones and give other outputs than the saved model.
 
 Saving refuses (``ValueError``) tensors holding NaN or Inf. Loading checks, *before the model is
 touched*: format and version (1 or 2), both checksums (a corrupted or truncated file is refused), that
 every adapted layer exists in ``base_model`` with the same class and weight shape, that ``scaling``
 equals the config's ``alpha / init_rank`` and is finite, that every tensor has the recorded shape and
-is finite, that every ``s`` is >= 0, and that there are no missing or extra tensors.
+is finite, that every ``s`` is >= 0, that every saved BatchNorm layer exists with the same number of
+features and has running variances >= 0, and that there are no missing or extra tensors.
 Any mismatch raises ``ValueError`` naming the problem. Tensors are cast to the dtype/device of the
 base weights. Saving and loading in the same dtype is bit-exact.
 """
@@ -30,14 +35,16 @@ from typing import Dict
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .config import DeboraConfig
 from .inject import _set_module, get_config, saved_modules
 from .layers import adapter_layers, make_adapter
 
 FORMAT = "debora-adapter"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 CONFIG_NAME = "debora_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -68,6 +75,13 @@ def _layer_kind(layer) -> str:
     return type(layer.base).__name__
 
 
+def _batchnorm_names(model: nn.Module, saved) -> list:
+    """BatchNorm layers with running statistics, outside ``modules_to_save`` (saved whole already)."""
+    inside = tuple(m + "." for m in saved)
+    return [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats
+            and m.running_mean is not None and n not in saved and not n.startswith(inside)]
+
+
 def save_pretrained(model: nn.Module, path: str) -> None:
     """Write the adapters (and modules_to_save) of ``model`` to the directory ``path``."""
     from safetensors.torch import save_file
@@ -90,6 +104,11 @@ def save_pretrained(model: nn.Module, path: str) -> None:
     for mname in saved:
         for k, v in model.get_submodule(mname).state_dict().items():
             tensors[f"{mname}.{k}"] = v
+    norms = _batchnorm_names(model, saved)
+    for bname in norms:
+        bn = model.get_submodule(bname)
+        for k in BN_BUFFERS:
+            tensors[f"{bname}.{k}"] = getattr(bn, k)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     bad = _nonfinite(tensors)
     if bad:
@@ -99,7 +118,7 @@ def save_pretrained(model: nn.Module, path: str) -> None:
     wpath = os.path.join(path, WEIGHTS_NAME)
     save_file(tensors, wpath, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_dict(),
-            "layers": meta_layers, "modules_to_save": saved,
+            "layers": meta_layers, "modules_to_save": saved, "batchnorm": norms,
             "tensors": {k: list(v.shape) for k, v in tensors.items()},
             "weights_file": WEIGHTS_NAME, "weights_sha256": _sha256(wpath)}
     meta["config_sha256"] = _config_digest(meta)
@@ -128,7 +147,7 @@ def _read(path: str):
         raise ValueError(f"{cpath} has format_version={version!r}; this version of debora reads "
                          f"format_version {list(READABLE_VERSIONS)}")
     for key in ("config", "layers", "modules_to_save", "tensors", "weights_sha256") + (
-            ("config_sha256",) if version >= 2 else ()):
+            ("config_sha256",) if version >= 2 else ()) + (("batchnorm",) if version >= 3 else ()):
         if key not in meta:
             raise ValueError(f"{cpath} lacks the field {key!r}; the adapter config is corrupted")
     if version >= 2 and meta["config_sha256"] != _config_digest(meta):
@@ -185,6 +204,18 @@ def _validate(base_model: nn.Module, meta, tensors) -> DeboraConfig:
             raise ValueError(f"module to save {mname!r} does not exist in base_model: wrong base model?")
         for k, v in modules[mname].state_dict().items():
             expected[f"{mname}.{k}"] = list(v.shape)
+    norms = meta.get("batchnorm", [])
+    if not isinstance(norms, list) or not all(isinstance(n, str) for n in norms):
+        raise ValueError(f"the adapter config's batchnorm field must be a list of module names, got "
+                         f"{norms!r}: the adapter config is corrupted")
+    for bname in norms:
+        mod = modules.get(bname)
+        if not isinstance(mod, _BatchNorm) or not mod.track_running_stats or mod.running_mean is None:
+            raise ValueError(f"BatchNorm layer {bname!r} of the adapter is "
+                             f"{'missing' if mod is None else 'a ' + type(mod).__name__ + ', not a BatchNorm with running statistics,'}"
+                             f" in base_model: wrong base model?")
+        for k in BN_BUFFERS:
+            expected[f"{bname}.{k}"] = list(getattr(mod, k).shape)
     if set(expected) != set(tensors):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(f"adapter weights do not match base_model and config: missing {missing[:5]}, "
@@ -193,6 +224,10 @@ def _validate(base_model: nn.Module, meta, tensors) -> DeboraConfig:
         if list(tensors[k].shape) != shape:
             raise ValueError(f"tensor {k!r} has shape {list(tensors[k].shape)} in the weights file but "
                              f"{shape} is expected: wrong base model or corrupted file")
+    for bname in norms:
+        if bool((tensors[f"{bname}.running_var"] < 0).any()):
+            raise ValueError(f"BatchNorm layer {bname!r} has negative running variances in the weights "
+                             "file: the weights are corrupted or edited")
     for name in meta["layers"]:
         s = tensors[f"{name}.s"]
         if s.numel() and bool((s < 0).any()):
@@ -225,6 +260,11 @@ def from_pretrained(base_model: nn.Module, path: str) -> nn.Module:
                              and k[len(prefix):] in mod.state_dict()})
         for p in mod.parameters():
             p.requires_grad_(True)
+    with torch.no_grad():
+        for bname in meta.get("batchnorm", []):
+            bn = base_model.get_submodule(bname)
+            for k in BN_BUFFERS:
+                getattr(bn, k).copy_(tensors[f"{bname}.{k}"])
     base_model.debora_config = cfg
     base_model.debora_saved_modules = list(meta["modules_to_save"])
     return base_model

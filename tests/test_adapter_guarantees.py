@@ -43,7 +43,7 @@ def _load_fresh(path):
 def test_config_checksum_covers_scaling(saved):
     _, path = saved
     meta = _meta(path)
-    assert meta["format_version"] == 2 and meta["config_sha256"] == _config_digest(meta)
+    assert meta["format_version"] == 3 and meta["config_sha256"] == _config_digest(meta)
     name = next(iter(meta["layers"]))
     meta["layers"][name]["scaling"] *= 10
     _write_meta(path, meta, rehash=False)
@@ -104,6 +104,19 @@ def test_nan_in_a_basis_is_refused(saved):
     with pytest.raises(ValueError, match=f"NaN/Inf values in 1 tensors \\(e.g. \\['{key}'\\]"):
         debora.from_pretrained(fresh, str(path))
     assert _untouched(fresh, before)
+
+
+def test_format_version_2_still_loads(saved):
+    """Version 2 had no BatchNorm statistics (field ``batchnorm``): read as "none saved"."""
+    model, path = saved
+    meta = _meta(path)
+    del meta["batchnorm"]
+    meta["format_version"] = 2
+    _write_meta(path, meta)
+    loaded = debora.from_pretrained(tiny_bert(), str(path)).eval()
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
 def test_format_version_1_still_loads(saved):

@@ -43,7 +43,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, basis):
     debora.save_pretrained(model, str(tmp_path))
     meta = json.load(open(tmp_path / "debora_config.json"))
     ranks = {k: v["rank"] for k, v in meta["layers"].items()}
-    assert meta["format_version"] == 2 and ranks["bert.encoder.layer.0.attention.self.query"] == 1
+    assert meta["format_version"] == 3 and ranks["bert.encoder.layer.0.attention.self.query"] == 1
     assert ranks["bert.encoder.layer.0.attention.self.value"] == 0
     assert ranks["bert.encoder.layer.1.attention.self.value"] == 4
     loaded = debora.from_pretrained(tiny_bert(), str(tmp_path))
@@ -65,6 +65,84 @@ def test_cnn_round_trip(tmp_path):
     torch.manual_seed(0)
     loaded = debora.from_pretrained(SmallCNN(), str(tmp_path))
     assert torch.equal(loaded(x), model(x))
+
+
+class BatchNormCNN(nn.Module):
+    """Conv → BatchNorm → ReLU → Conv → BatchNorm (its head a Linear with its own BatchNorm1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, momentum=0.01))
+        self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 4))
+
+    def forward(self, pixel_values):
+        return self.head(self.features(pixel_values).mean((2, 3)))
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    model = BatchNormCNN()
+    debora.inject(model, debora.DeboraConfig(target_modules=["features.0", "features.3"], init_rank=2,
+                                             basis="oblique", modules_to_save=["head"]))
+    _train_a_bit(model)
+    model.train()
+    with torch.no_grad():                  # training moves the running statistics away from the base's
+        for _ in range(3):
+            model(torch.randn(16, 3, 8, 8) * 3 + 1)
+    return model.eval()
+
+
+def test_batchnorm_statistics_travel_with_the_adapter(tmp_path):
+    """A CNN's outputs in eval mode depend on BatchNorm's running statistics, which fine-tuning changes:
+    format 3 saves them, so the loaded model gives the saved model's outputs bit for bit (without them
+    it would not: checked on the fresh base)."""
+    model = _bn_model()
+    x = torch.randn(4, 3, 8, 8)
+    out = model(x)
+    debora.save_pretrained(model, str(tmp_path))
+    meta = json.load(open(tmp_path / "debora_config.json"))
+    assert meta["format_version"] == 3
+    assert meta["batchnorm"] == ["features.1", "features.4"]          # head.0: in modules_to_save
+    torch.manual_seed(0)
+    fresh = BatchNormCNN()
+    torch.manual_seed(0)
+    loaded = debora.from_pretrained(BatchNormCNN(), str(tmp_path)).eval()
+    assert torch.equal(loaded(x), out)
+    for name in ("features.1", "features.4", "head.0"):
+        a, b = model.get_submodule(name), loaded.get_submodule(name)
+        assert torch.equal(a.running_mean, b.running_mean) and torch.equal(a.running_var, b.running_var)
+        assert int(a.num_batches_tracked) == int(b.num_batches_tracked) > 0
+        assert not torch.equal(a.running_mean, fresh.get_submodule(name).running_mean)
+
+
+def test_bad_batchnorm_statistics_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _bn_model()
+    debora.save_pretrained(model, str(tmp_path / "a"))
+
+    class NoBN(BatchNormCNN):
+        def __init__(self):
+            super().__init__()
+            self.features[1] = nn.Identity()
+
+    with pytest.raises(ValueError, match="BatchNorm layer 'features.1' of the adapter is a Identity, not a BatchNorm"):
+        debora.from_pretrained(NoBN(), str(tmp_path / "a"))
+    # a negative running variance, written with consistent checksums (as an attacker or a bug would)
+    w = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    w["features.4.running_var"][0] = -1.0
+    save_file(w, str(tmp_path / "a" / "adapter_model.safetensors"))
+    meta = json.load(open(tmp_path / "a" / "debora_config.json"))
+    from debora.io import _config_digest, _sha256
+    meta["weights_sha256"] = _sha256(str(tmp_path / "a" / "adapter_model.safetensors"))
+    meta["config_sha256"] = _config_digest(meta)
+    json.dump(meta, open(tmp_path / "a" / "debora_config.json", "w"))
+    base = BatchNormCNN()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="negative running variances"):
+        debora.from_pretrained(base, str(tmp_path / "a"))
+    assert _untouched(base, before)
 
 
 def _untouched(model, before):
