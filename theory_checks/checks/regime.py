@@ -1,12 +1,13 @@
 """Checks of the regime the default training preset runs in (``debora/train/config.py``):
 
 oblique bases (unit-norm columns, s carries each component's magnitude), s started near the floor
-(``init_s`` = 0.01, ε = 1e-3), τ = 1 per layer (a product of floored simplices), scaling α/r0 = 32/8,
-D1 = D2 (``split="same"``: the upper and lower losses are the same training loss), the ``first-order``
-estimator g = ∂_s f, away-step Frank-Wolfe with the constant step γ = 0.05, T_max = 1 lower step
-(Adam, lr 5e-4, batch 32) per outer iteration, and a count budget: from n0 = 10 % of the run, the
-live components beyond k(n) (``debora.train.budget``: cubic from R0 to R* = 2 per adapter between
-10 % and 60 % of the run) with the smallest s are moved to the floor and leave.
+(``init_s`` = ε + τ/(10(r0+1)) ≈ 0.012, ε = 1e-3), τ = 1 per layer (a product of floored simplices),
+scaling α/r0 = 32/8, D1 = D2 (``split="same"``: the upper and lower losses are the same training
+loss), the ``first-order`` estimator g = ∂_s f, away-step Frank-Wolfe with the constant step γ = 0.05,
+T_max = 1 lower step (Adam, lr 5e-4, batch 32) per outer iteration, and a count budget: from n0 = 10 %
+of the run, the live components beyond k(n) (``debora.train.budget``: cubic from R0 to R* = 2 per
+adapter between 30 % and 90 % of the run) with the smallest s are moved to the floor and leave.
+:data:`PRESET` is read from ``TrainConfig``'s defaults (:func:`default_preset`), not copied.
 
 1. Envelope theorem. With f1 = f2 = f, at an exact lower solution (∂_B f = 0 on the manifold)
    ∇F(s) = ∂_s f(B*(s), s) − ∂²_sB f [∂²_BB f]⁻¹ ∂_B f = ∂_s f: ``first-order`` *is* the
@@ -45,10 +46,25 @@ NAME_ENV = "Envelope (D1=D2)"
 NAME_CHI = "Assumption 6.1 [default]"
 NAME_ID = "Thm 6.5 [default]"
 
-# The default training preset (debora/train/config.py, TrainConfig defaults), used verbatim here.
-PRESET = dict(basis="oblique", init_s=0.01, eps=1e-3, tau=1.0, alpha=32.0, init_rank=8,
-              weight_decay=1e-3, gamma=0.05, T_max=1, lr=5e-4, batch=32, target_rank=2.0,
-              prune_start=0.1, prune_end=0.6, truncate_from=0.1)
+
+
+def default_preset() -> Dict[str, object]:
+    """The default training preset (``TrainConfig``'s field defaults, ``debora/train/config.py``), read
+    from the trainer so that the two cannot drift apart; ``init_s`` is the value the adapters start at
+    when the config leaves it to them (ε + τ/(10(r0+1)) per layer with oblique bases)."""
+    from debora.train import TrainConfig
+    d = TrainConfig()
+    assert d.budget == "per_layer" and d.basis in ("oblique", "stiefel") and d.split == "same" \
+        and d.estimator == "first-order" and d.fw == "away" and d.fw_step == "constant", \
+        "the default preset left the regime these checks model; update theory_checks/checks/regime.py"
+    init_s = d.init_s if d.init_s is not None else d.eps + d.tau / (10 * (d.init_rank + 1))
+    return dict(basis=d.basis, init_s=init_s, eps=d.eps, tau=d.tau, alpha=d.alpha, init_rank=d.init_rank,
+                weight_decay=d.weight_decay, gamma=d.fw_step_size, T_max=d.inner_steps, lr=d.lr,
+                batch=d.batch_size, target_rank=d.target_rank, prune_start=d.prune_start,
+                prune_end=d.prune_end, truncate_from=d.truncate_from)
+
+
+PRESET = default_preset()
 
 
 def instances(problem: str, device: str = "cpu", quick: bool = False):
