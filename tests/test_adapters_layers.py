@@ -67,6 +67,33 @@ def test_cp_conv_equals_dense_cp_kernel(cin, cout, kh, kw, sh, sw, ph, pw, dh, d
     torch.testing.assert_close(layer.delta_weight(), K)
 
 
+@pytest.mark.parametrize("stride, padding, static", [((1, 1), 0, False), ((2, 1), 0, False),
+                                                     ((1, 1), "same", False), ((1, 1), 0, True)])
+def test_pointwise_cp_conv_path_equals_the_dense_kernel_with_its_gradients(stride, padding, static):
+    """1×1 unpadded convs take the two-conv path (layer.pointwise): output and the gradients of every
+    factor and of s equal those of the dense convolution with W0 + ΔK, in float64."""
+    torch.manual_seed(0)
+    base = (_StaticSame(5, 6, 1) if static else nn.Conv2d(5, 6, 1, stride=stride, padding=padding)).to(D)
+    if static:
+        base.static_padding = nn.Identity()
+    W0 = base.weight.detach().clone()
+    layer = _wrap(base, 4)
+    assert layer.pointwise
+    _randomise(layer, torch.Generator().manual_seed(1))
+    layer.s.requires_grad_(True)
+    x = torch.randn(3, 5, 7, 6, dtype=D)
+    wts = torch.randn(3, 6, *F.conv2d(x, W0, stride=base.stride).shape[2:], dtype=D)
+    (layer(x) * wts).sum().backward()
+    got = {n: getattr(layer, n).grad.clone() for n in ("s",) + layer.basis_names}
+    leaves = {n: getattr(layer, n).detach().clone().requires_grad_(True) for n in got}
+    K = layer.scaling * torch.einsum("i,oi,ci,pi,qi->ocpq", *(leaves[n] for n in ("s", "A", "B", "C", "D")))
+    ref = F.conv2d(x, W0 + K, base.bias, base.stride)
+    torch.testing.assert_close(layer(x), ref, rtol=1e-12, atol=1e-12)
+    (ref * wts).sum().backward()
+    for n, g in got.items():
+        torch.testing.assert_close(g, leaves[n].grad, rtol=1e-11, atol=1e-11)
+
+
 def layer_max(base):
     return CPConv2dAdapter(base, "euclidean", 1.0).max_rank()
 

@@ -13,6 +13,11 @@ with ``A`` ``[out, r]``, ``B`` ``[in, r]``, ``C`` ``[kh, r]``, ``D`` ``[kw, r]``
 
 This equals the dense convolution with kernel ΔK (zero padding, strides and dilations factor over the
 two spatial axes; ``padding="same"`` too, since PyTorch pads each axis independently).
+
+Pointwise layers (1×1 kernel, no padding: the adapted convolutions of EfficientNet/MobileNet blocks)
+take a shorter path with the same value: C and D are 1×r, so the two depthwise convolutions only
+scale channel i by c_i·d_i, and the branch is two 1×1 convolutions as in LoRA,
+``conv1x1(x, (B diag(scaling·s∘c∘d))ᵀ, stride)`` then ``conv1x1(·, A)``.
 Parameters ``r(out + in + kh + kw)`` instead of LoRA's ``r(out + in·kh·kw)``.
 
 ``nn.Conv2d`` subclasses with their own ``forward`` (TF-style "same" padding, e.g. EfficientNet's
@@ -64,6 +69,8 @@ class CPConv2dAdapter(AdapterLayer):
         self._h = dict(stride=(sh, 1), padding=ph, dilation=(dh, 1))
         self._w = dict(stride=(1, sw), padding=pw, dilation=(1, dw))
         self.mode = "factorised"
+        pad = base.padding
+        self.pointwise = (self.kh, self.kw) == (1, 1) and (isinstance(pad, str) or tuple(pad) == (0, 0))
         if type(base).forward is not nn.Conv2d.forward:
             pad = getattr(base, "static_padding", None)
             self.mode = "static_padding" if isinstance(pad, nn.Module) else "merged_kernel"
@@ -107,6 +114,10 @@ class CPConv2dAdapter(AdapterLayer):
             return out
         if self.mode == "static_padding":
             x = self.base.static_padding(x)
+        if self.pointwise:   # 1×1, unpadded ("same"/"valid" pad nothing for 1×1): two 1×1 convs
+            w = self.B * (self.s * self.scaling * self.C[0] * self.D[0])
+            h = F.conv2d(x, w.transpose(0, 1).contiguous()[:, :, None, None], stride=self.base.stride)
+            return out + F.conv2d(h, self.A[:, :, None, None])
         # B, C, D are stored column-major, so these transposes are free (no copy)
         h = F.conv2d(x, self.B.transpose(0, 1).contiguous()[:, :, None, None])
         h = F.conv2d(h, self.C.transpose(0, 1).contiguous()[:, None, :, None], groups=r, **self._h)
