@@ -6,7 +6,7 @@ comparison's protocol), then evaluates the same trained model twice: with BatchN
 statistics as training left them, and after recomputing them on the training pool (BatchNorm layers
 in training mode, everything else in eval mode, cumulative averages). It also records each adapted
 layer's ‖ΔW‖_* (and Σ s for dEBORA: with unit-norm columns ‖ΔW‖_* ≤ scaling · Σ s ≤ scaling · (τ + rε)).
-One JSON line per run is appended to ``--out``.
+One JSON line per run is appended to ``benchmarks/results/bn_probe.jsonl`` (``OUT``).
 
     .venv/bin/python benchmarks/bn_probe.py lora-r8 0 1e-3 8        # method seed lr setting
     .venv/bin/python benchmarks/bn_probe.py debora 0 1e-3 2         # setting: dEBORA target_rank
@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import finetune_compare as fc
 from debora.train.data import load_raw, image_examples, collate
+from debora.train.batchnorm import recalibrate_batchnorm
 from debora.train.split import make_splits
 from debora.train import TrainConfig
 
@@ -33,18 +34,12 @@ def pool_eval(spec):
     ev_raw = (raw.eval if sp.eval_from_source else raw).subset(sp.eval)
     return image_examples(raw.subset(sp.pool)), image_examples(ev_raw)
 
-@torch.no_grad()
 def recalibrate(model, pool, bs=128):
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    """The trainer's recalibration (debora.train.batchnorm) on the training pool."""
+    recalibrate_batchnorm(model, (collate(pool, range(i, min(len(pool), i + bs)), 32)
+                                  for i in range(0, len(pool), bs)), lambda m, b: m(b["pixel_values"]))
     model.eval()
-    for m in bns:
-        m.reset_running_stats(); m.momentum = None; m.train()
-    for i in range(0, len(pool), bs):
-        b = collate(pool, range(i, min(len(pool), i + bs)), 32)
-        model(b["pixel_values"])
-    for m in bns:
-        m.momentum = 0.1
-    model.eval()
+
 
 @torch.no_grad()
 def acc(model, ev):

@@ -17,7 +17,7 @@ trainer recomputes them for the trained weights, :mod:`debora.train.batchnorm`),
 loaded CNN would normalise with the pretrained ones and give other outputs than the saved model.
 
 Saving refuses (``ValueError``) tensors holding NaN or Inf. Loading checks, *before the model is
-touched*: format and version (1 or 2), both checksums (a corrupted or truncated file is refused), that
+touched*: format and version (1, 2 or 3), both checksums (a corrupted or truncated file is refused), that
 every adapted layer exists in ``base_model`` with the same class and weight shape, that ``scaling``
 equals the config's ``alpha / init_rank`` and is finite, that every tensor has the recorded shape and
 is finite, that every ``s`` is >= 0, that every saved BatchNorm layer exists with the same number of

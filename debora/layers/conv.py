@@ -13,12 +13,12 @@ with ``A`` ``[out, r]``, ``B`` ``[in, r]``, ``C`` ``[kh, r]``, ``D`` ``[kw, r]``
 
 This equals the dense convolution with kernel ΔK (zero padding, strides and dilations factor over the
 two spatial axes; ``padding="same"`` too, since PyTorch pads each axis independently).
+Parameters ``r(out + in + kh + kw)`` instead of LoRA's ``r(out + in·kh·kw)``.
 
 Pointwise layers (1×1 kernel, no padding: the adapted convolutions of EfficientNet/MobileNet blocks)
 take a shorter path with the same value: C and D are 1×r, so the two depthwise convolutions only
 scale channel i by c_i·d_i, and the branch is two 1×1 convolutions as in LoRA,
 ``conv1x1(x, (B diag(scaling·s∘c∘d))ᵀ, stride)`` then ``conv1x1(·, A)``.
-Parameters ``r(out + in + kh + kw)`` instead of LoRA's ``r(out + in·kh·kw)``.
 
 ``nn.Conv2d`` subclasses with their own ``forward`` (TF-style "same" padding, e.g. EfficientNet's
 ``Conv2dStaticSamePadding`` / ``Conv2dDynamicSamePadding``): when the layer has a ``static_padding``
