@@ -6,8 +6,8 @@
     .venv/bin/python benchmarks/finetune_compare.py --tasks rotten-tomatoes,tweets --examples 1600 \
         --epochs 2 --seeds 3 --json benchmarks/results/fronts.json
 
-Methods (``--methods``): ``debora`` (one run per dEBORA setting: ``--target-ranks`` and/or ``--taus``,
-or the default preset once if neither is given), ``lora-rN`` for any N (PEFT LoRA, rank N on every
+Methods (``--methods``): ``debora`` (one run per dEBORA setting: ``--target-ranks``, ``--taus`` and/or
+``--init-ranks`` (fixed r0, no count budget), or the default preset once if none is given), ``lora-rN`` for any N (PEFT LoRA, rank N on every
 targeted layer), ``adalora`` (PEFT AdaLoRA, init_r = ``--adalora-init-r``, one run per target average
 rank in ``--adalora-target-rs``). Tasks (``--tasks``): packaged names (rotten-tomatoes, tweets,
 amazon, nyt, fashion-mnist) or local CSV/JSON paths (``--text-column``/``--label-column`` if the
@@ -264,6 +264,7 @@ def settings_of(method: str, args):
         tag = f" {args.debora_label}" if args.debora_label else ""
         out = [(f"target_rank={r:g}{tag}", r, {"target_rank": r}) for r in args.target_ranks]
         out += [(f"tau={t:g}{tag}", t, {"tau": t}) for t in args.taus]
+        out += [(f"init_rank={r}{tag}", r, {"init_rank": r, "target_rank": None}) for r in args.init_ranks]
         return out or [(f"preset{tag}", None, {})]
     if method == "adalora":
         return [(f"target_r={r}", r, {}) for r in args.adalora_target_rs]
@@ -531,6 +532,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="debora, lora-rN (any N), adalora")
     ap.add_argument("--target-ranks", default="1,2,4", help="dEBORA settings: final average rank per adapter")
     ap.add_argument("--taus", default="", help="dEBORA settings: τ values (paper's budget), optional")
+    ap.add_argument("--init-ranks", default="", help="dEBORA settings: fixed ranks r0 without a count "
+                    "budget (target_rank None; with --preset fixed-oblique: no selection at all), optional")
     ap.add_argument("--adalora-target-rs", default="1,2,4")
     ap.add_argument("--adalora-init-r", type=int, default=8)
     ap.add_argument("--examples", type=int, default=2400, help="training pool size per task")
@@ -574,6 +577,7 @@ def main(argv=None) -> int:
         return 0
     args.target_ranks = [float(v) for v in args.target_ranks.split(",") if v]
     args.taus = [float(v) for v in args.taus.split(",") if v]
+    args.init_ranks = [int(v) for v in args.init_ranks.split(",") if v]
     args.adalora_target_rs = [int(v) for v in args.adalora_target_rs.split(",") if v]
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--preset", help="named preset: default (the field defaults, sized for the offline "
                                       "demo) | paper (the paper's algorithm) | svd-cut (LoRA-style training "
                                       "with s held, one global SVD cut to --target-rank at the end; Linear "
-                                      "and 1×1 conv adapters)")
+                                      "and 1×1 conv adapters) | fixed-oblique (oblique bases at a fixed "
+                                      "--init-rank, s held at 1: no selection; the best measured on images)")
     for flag, dest, typ, help_ in FLAGS:
         tr.add_argument(flag, dest=dest, type=typ, default=None, help=help_)
     tr.add_argument("--export-peft", dest="export_peft", action="store_true", default=None,

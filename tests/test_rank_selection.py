@@ -424,3 +424,28 @@ def test_the_svd_cut_preset_on_the_packaged_cnn_cuts_its_pointwise_cp_adapters(t
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
     cut = [l for l in layers.values() if l.rank == 1]       # re-factorised: s = c·σ, no longer held at 1
     assert cut and all(float(l.s[0]) != 1.0 and torch.equal(l.C, torch.ones_like(l.C)) for l in cut)
+
+
+def test_the_fixed_oblique_preset_keeps_its_rank_and_magnitudes_and_turns_the_bases(tmp_path):
+    """`--preset fixed-oblique`: no Frank-Wolfe step, no count budget, no truncation: every layer keeps
+    init_rank components with s = 1 while its unit-norm bases train (they move off their start)."""
+    from debora.train.config import PRESETS
+    cfg = tiny_config(tmp_path, **dict(PRESETS["fixed-oblique"], init_rank=2, epochs=2.0, eval_every=0,
+                                       output_dir=str(tmp_path / "fixed")))
+    assert cfg.target_rank is None and cfg.fw_step_size == 0.0 and cfg.basis == "oblique"
+    start = {}
+
+    def remember(trainer, state, info):          # the bases after the first iteration
+        if not start:
+            start.update({n: l.U.detach().clone() for n, l in debora.adapter_layers(trainer.model).items()})
+
+    res = train(cfg, callback=remember)
+    layers = debora.adapter_layers(res.model)
+    assert set(debora.rank_pattern(res.model).values()) == {2} and len(layers) == 12
+    for name, layer in layers.items():
+        assert torch.equal(layer.s.detach(), torch.ones(2))                  # s held at exactly 1
+        torch.testing.assert_close(layer.U.norm(dim=0), torch.ones(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(layer.V.norm(dim=0), torch.ones(2), atol=1e-5, rtol=0)
+    assert set(start) == set(layers)
+    assert min(float((layers[n].U.detach() - u).norm()) for n, u in start.items()) > 1e-3   # the bases trained on
+    assert res.summary["adapter_end"] == res.summary["adapter_start"]
