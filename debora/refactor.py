@@ -50,38 +50,63 @@ def has_svd(layer: nn.Module) -> bool:
     return isinstance(layer, MatrixAdapter) and layer.rank > 0
 
 
-def _factors(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, V, w) in float64 with the update = scaling · U diag(w) Vᵀ."""
+def _factors(layer: nn.Module, unfold: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, V, w) in float64 with the update = scaling · U diag(w) Vᵀ; ``unfold`` (a folded layer):
+    the update's change since the start, ΔW − ΔW0, as [U, U0] diag([w, w0]) [V, V0]ᵀ with
+    w0 = −1/scaling (CP: −c0∘d0/scaling), since ΔW0 = U0 V0ᵀ with the scaling inside U0."""
     if isinstance(layer, CPConv2dAdapter):
+        U, V = layer.A.double(), layer.B.double()
         w = layer.s.double() * layer.C.double()[0] * layer.D.double()[0]
-        return layer.A.double(), layer.B.double(), w
-    return layer.U.double(), layer.V.double(), layer.s.double()
+    else:
+        U, V, w = layer.U.double(), layer.V.double(), layer.s.double()
+    if unfold and layer.folded:
+        f = {k: v.double() for k, v in layer.init_factors().items()}
+        if isinstance(layer, CPConv2dAdapter):
+            U0, V0, w0 = f["A"], f["B"], -(f["C"][0] * f["D"][0])
+        else:
+            U0, V0 = f["U"], f["V"]
+            w0 = -torch.ones(U0.shape[1], dtype=torch.float64, device=U0.device)
+        U, V = torch.cat([U, U0], 1), torch.cat([V, V0], 1)
+        w = torch.cat([w, w0 / layer.scaling])
+    return U, V, w
 
 
 @torch.no_grad()
-def _svd(layer: nn.Module) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(P, σ, Q) in float64 with U diag(w) Vᵀ = P diag(σ) Qᵀ (without ``scaling``)."""
-    U, V, s = _factors(layer)
+def _svd(layer: nn.Module, unfold: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, σ, Q) in float64 with U diag(w) Vᵀ = P diag(σ) Qᵀ (without ``scaling``), the leading
+    ``layer.rank`` singular triplets (all of them unless ``unfold``: ΔW − ΔW0 has rank ≤ 2r)."""
+    U, V, s = _factors(layer, unfold)
     qu, ru = torch.linalg.qr(U)
     qv, rv = torch.linalg.qr(V)
     p, sig, qt = torch.linalg.svd((ru * s) @ rv.transpose(0, 1))
-    return qu @ p, sig, qv @ qt.transpose(0, 1)
+    r = layer.rank
+    return (qu @ p)[:, :r], sig[:r], (qv @ qt.transpose(0, 1))[:, :r]
 
 
 @torch.no_grad()
-def singular_values(layer: nn.Module) -> torch.Tensor:
+def singular_values(layer: nn.Module, unfold: bool = False) -> torch.Tensor:
     """σ(U diag(s) Vᵀ) of a matrix adapter or a 1×1 CP adapter (descending, in s's units: ΔW's
-    singular values / scaling). For another CP adapter, or at rank 0, its ``s`` as it is."""
+    singular values / scaling); ``unfold``: the leading r of σ(ΔW − ΔW0) for a folded layer. For
+    another CP adapter, or at rank 0, its ``s`` as it is."""
     if not has_svd(layer):
         return layer.s.detach().clone()
-    return _svd(layer)[1].to(layer.s.dtype)
+    return _svd(layer, unfold)[1].to(layer.s.dtype)
 
 
 @torch.no_grad()
 def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
-                 optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, torch.Tensor]:
+                 optimizer: Optional[torch.optim.Optimizer] = None,
+                 unfold: bool = False) -> Dict[str, torch.Tensor]:
     """Re-factorise the matrix and 1×1 CP adapters ``names`` (default: all) in place; returns
-    ``{name: new s}`` for the layers it re-factorised (others are left alone)."""
+    ``{name: new s}`` for the layers it re-factorised (others are left alone).
+
+    ``unfold=True`` (oblique/Stiefel layers, whose initial ΔW0 is folded into the base weight): the
+    layer is rewritten to the best rank-r approximation of what training changed, E = ΔW − ΔW0, and
+    the fold is undone (``W0 ← W0 + ΔW0``, :meth:`AdapterLayer.unfold_`). The outputs are unchanged
+    when rank(E) ≤ r and otherwise move by E's (r+1)-th singular value at most; a later cut of the
+    tail is then Eckart–Young-optimal for E, so a removed component no longer re-adds its part of
+    the random ΔW0 to the weights. Σσ(E) is not bounded by Σs (Frank-Wolfe's budget), unlike the
+    folded refactorisation."""
     layers = adapter_layers(model)
     wanted = list(layers) if names is None else list(names)
     unknown = [n for n in wanted if n not in layers]
@@ -93,7 +118,8 @@ def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
         layer = layers[name]
         if not has_svd(layer):
             continue
-        P, sig, Q = _svd(layer)
+        unfolding = unfold and layer.folded
+        P, sig, Q = _svd(layer, unfolding)
         if layer.basis == "euclidean":
             c = min(1.0, float(layer.s.double().sum()) / max(float(sig.sum()), 1e-300))
             s_new = (c * sig).clamp_min(eps)
@@ -112,6 +138,8 @@ def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
         if optimizer is not None:
             for p in rotated:
                 _reset_state(optimizer, p)
+        if unfolding:
+            layer.unfold_()
         out[name] = layer.s.detach().clone()
     return out
 

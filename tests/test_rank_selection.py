@@ -449,3 +449,93 @@ def test_the_fixed_oblique_preset_keeps_its_rank_and_magnitudes_and_turns_the_ba
     assert set(start) == set(layers)
     assert min(float((layers[n].U.detach() - u).norm()) for n, u in start.items()) > 1e-3   # the bases trained on
     assert res.summary["adapter_end"] == res.summary["adapter_start"]
+
+
+# -- the unfolded SVD cut (round 5): cut what training changed, ΔW − ΔW0 ------------------------------
+def _trained_like(model, gen):
+    """Move every adapter off its start, as training would (random bases on the manifold, new s)."""
+    for layer in debora.adapter_layers(model).values():
+        with torch.no_grad():
+            for n in layer.basis_names:
+                P = getattr(layer, n)
+                P.copy_(debora.manifolds.random_point(layer.basis_kinds[n], P.shape[0], P.shape[1], gen,
+                                                      torch.float64))
+            layer.s.copy_(torch.tensor([0.3, 0.2, 0.1, 0.05], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("kind", ["linear", "pointwise-conv"])
+@pytest.mark.parametrize("basis", ["oblique", "stiefel"])
+def test_an_unfolded_svd_refactor_is_the_best_approximation_of_what_training_changed(basis, kind):
+    """Folded layer: effective weight W − ΔW0 + ΔW = W + E with E = ΔW − ΔW0 (rank ≤ 2r).
+    ``svd_refactor(unfold=True)`` puts W back and the adapter at the best rank-r approximation of E
+    (Eckart–Young, float64 dense SVD as the reference): s = σ(E)[:r]/scaling, orthonormal bases, no
+    ΔW0 buffers left; ``singular_values(unfold=True)`` gives that s beforehand."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        net = _tiny_bert().double().eval()
+        targets = ["query", "value"]
+    else:
+        net = torch.nn.Sequential(torch.nn.Conv2d(9, 7, 1), torch.nn.ReLU(), torch.nn.Conv2d(7, 8, 1)).double()
+        targets = ["0", "2"]
+    originals = {n: m.weight.detach().clone() for n, m in net.named_modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    model = debora.inject(net, debora.DeboraConfig(target_modules=targets, init_rank=4, basis=basis,
+                                                   init_s=0.2, tau=8.0))
+    _trained_like(model, torch.Generator().manual_seed(1))
+    layers = debora.adapter_layers(model)
+    assert layers and all(l.folded for l in layers.values())
+    E = {n: (l.delta_weight() - l.unfold_delta()).reshape(l.weight_ref.shape[0], -1).clone()
+         for n, l in layers.items()}
+    ahead = {n: debora.singular_values(l, unfold=True) for n, l in layers.items()}
+    debora.svd_refactor(model, unfold=True)
+    for n, layer in layers.items():
+        P, sig, Qt = torch.linalg.svd(E[n])
+        best = (P[:, :4] * sig[:4]) @ Qt[:4]
+        assert not layer.folded and not layer.init_factors()
+        torch.testing.assert_close(layer.weight_ref, originals[n], rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.delta_weight().reshape(best.shape), best, rtol=0, atol=1e-12)
+        torch.testing.assert_close(layer.s, sig[:4] / layer.scaling, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(ahead[n], sig[:4] / layer.scaling, rtol=1e-10, atol=1e-12)
+        U = layer.A if kind != "linear" else layer.U
+        torch.testing.assert_close(U.T @ U, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+        assert sig[4:8].abs().max() > 1e-3          # E really had rank > r: the test is not vacuous
+
+
+def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path):
+    """An oblique run with s held at 1 and an SVD cut in the middle: the layers that lose components
+    are unfolded (their ΔW0 is back in W, the adapter carries ΔW − ΔW0's best approximation), the saved
+    adapter reloads onto a fresh base model with the same outputs and exports to PEFT, and a resume
+    from a checkpoint taken after the cut reproduces the uninterrupted run bit for bit."""
+    from transformers import AutoModelForSequenceClassification
+    from debora.train.config import PRESETS
+
+    kw = dict(PRESETS["svd-cut"], basis="oblique", init_rank=4, target_rank=1.0, prune_start=0.4,
+              prune_end=0.5, epochs=2.0, max_iterations=12, eval_every=0, checkpoint_every=4)
+    a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
+    layers = debora.adapter_layers(a.model)
+    assert sum(debora.rank_pattern(a.model).values()) == len(layers)
+    unfolded = [n for n, l in layers.items() if not l.folded]
+    assert unfolded                                              # the cut layers were unfolded
+    assert all(not l.init_factors() for n, l in layers.items() if n in unfolded)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_9(trainer, state, extra):
+        if state.iteration == 9:
+            raise Stop
+
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
+    with pytest.raises(Stop):
+        train(cfg, callback=stop_at_9)                            # the checkpoint at 8 is after the cut
+    b = train(cfg.replace(resume="auto"))
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "tiny_bert"))
+    loaded = debora.from_pretrained(base, os.path.join(a.output_dir, "adapter")).eval()
+    ids = torch.randint(0, base.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0))
+    a.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, a.model(input_ids=ids).logits)
+    debora.export_peft(a.model, str(tmp_path / "peft"))
+    assert os.path.isfile(tmp_path / "peft" / "adapter_config.json")

@@ -138,6 +138,18 @@ class AdapterLayer(nn.Module):
         self.fold_init_(factors)
 
     @torch.no_grad()
+    def unfold_(self) -> None:
+        """Undo the fold: ``W0 ← W0 + ΔW0``, the buffers ``<b>0`` are dropped and the layer behaves
+        like a Euclidean one (its update is ΔW alone). The model's output changes by ΔW0 unless the
+        bases were rewritten first to carry ΔW − ΔW0 (``debora.svd_refactor(..., unfold=True)``)."""
+        if not self.folded:
+            return
+        self.weight_ref.add_(self.unfold_delta())
+        for n in self.basis_names:
+            self._buffers.pop(n + "0", None)
+        self.folded = False
+
+    @torch.no_grad()
     def unfold_delta(self) -> torch.Tensor:
         """ΔW0 that was folded into the base weight (zeros if none)."""
         f = self.init_factors()

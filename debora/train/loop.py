@@ -449,40 +449,69 @@ class Trainer:
         alive = torch.ones_like(x, dtype=torch.bool)
         if int(alive.sum()) <= k:
             return torch.zeros_like(alive)
-        key = x
-        gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)   # resumable
-        if self.cfg.prune_by == "random":    # ablation: the same count, components chosen at random
-            key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
-        elif self.cfg.prune_by == "svd":     # σ of each layer's ΔW (descending): its cheapest cuts last
-            key = self.singular_key(state.layout).to(x.dtype)
-        size = key if self.cfg.prune_by == "svd" else x   # what "largest" means for the protection
-        protected = torch.zeros_like(alive)
-        for sl in slices:                         # a block's largest live component always stays
-            if x[sl].numel():
-                protected[sl.start + int(torch.argmax(size[sl]))] = True
-        force = smallest_beyond(key, alive, k, protected, generator=gen)
-        if not bool(force.any()):
-            return force
         fw_state = state.fw_state
         S = fw_state.set
         floor = S.floor(dtype=fw_state.x.dtype, device=fw_state.x.device)
+
+        def choose(unfold: bool):
+            key = x
+            gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)   # resumable
+            if self.cfg.prune_by == "random":    # ablation: the same count, components chosen at random
+                key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
+            elif self.cfg.prune_by == "svd":     # σ of each layer's ΔW (descending): its cheapest cuts last
+                key = self.singular_key(state.layout, unfold).to(x.dtype)
+            size = key if self.cfg.prune_by == "svd" else x   # what "largest" means for the protection
+            protected = torch.zeros_like(alive)
+            for sl in slices:                         # a block's largest live component always stays
+                if x[sl].numel():
+                    protected[sl.start + int(torch.argmax(size[sl]))] = True
+            return key, smallest_beyond(key, alive, k, protected, generator=gen)
+
+        def losing(force):
+            offsets = state.layout.offsets
+            return [name[: -len(".s")] for name, size in zip(state.layout.names, state.layout.sizes)
+                    if size and bool(force[offsets[name]:offsets[name] + size].any())]
+
+        unfold = self.cfg.prune_by == "svd"
+        key, force = choose(unfold)
+        if not bool(force.any()):
+            return force
         x_now = fw_state.x
         if self.cfg.prune_by == "svd":
-            # the layers that lose components are re-factorised in their singular directions first
-            # (same ΔW, s = σ sorted), so the cut components are the tail of each layer's SVD
-            offsets = state.layout.offsets
-            names = [name[: -len(".s")] for name, size in zip(state.layout.names, state.layout.sizes)
-                     if size and bool(force[offsets[name]:offsets[name] + size].any())]
-            debora.svd_refactor(self.model, names, optimizer=state.optimizer)
+            # the layers that lose components are re-factorised in their singular directions first,
+            # so the cut components are the tail of each layer's SVD. Oblique/Stiefel layers are cut
+            # in ΔW − ΔW0 (what training changed) and unfolded, unless the unfolded s = σ(ΔW − ΔW0)
+            # would leave the Frank-Wolfe set (σ(ΔW − ΔW0) is not bounded by Σ s); then in ΔW
+            # (folded: Σσ(ΔW) ≤ Σ s), with a warning.
+            layers = debora.adapter_layers(self.model)
+            names = losing(force)
+            if any(layers[n].folded for n in names):
+                cand = self.s_vector().to(key)
+                offsets = state.layout.offsets
+                for name, size in zip(state.layout.names, state.layout.sizes):
+                    if name[: -len(".s")] in names:
+                        sl = slice(offsets[name], offsets[name] + size)
+                        cand[sl] = key[sl].clamp_min(self.cfg.eps)
+                cand = torch.where(force, floor.to(cand), cand)
+                msg = S.feasibility_error(cand.to(fw_state.x), name="s after the cut")
+                if msg is not None:
+                    if not getattr(self, "_warned_fold", False):
+                        self._warned_fold = True
+                        warnings.warn(f"prune_by='svd': cutting ΔW − ΔW0 would leave the budget ({msg}); "
+                                      "cutting ΔW instead (the folded ΔW0 stays). Raise tau to cut what "
+                                      "training changed", RuntimeWarning, stacklevel=2)
+                    unfold = False
+                    key, force = choose(False)
+            debora.svd_refactor(self.model, losing(force), optimizer=state.optimizer, unfold=unfold)
             x_now = self.s_vector().to(device=fw_state.x.device, dtype=fw_state.x.dtype)
         x_new = torch.where(force.to(fw_state.x.device), floor, x_now)
         fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
         state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
         return force
 
-    def singular_key(self, layout: SLayout) -> torch.Tensor:
+    def singular_key(self, layout: SLayout, unfold: bool = False) -> torch.Tensor:
         """σ(ΔW)/scaling of every adapter (descending per layer; CP adapters with a kernel larger than
-        1×1: their s), in s order."""
+        1×1: their s), in s order; ``unfold``: σ(ΔW − ΔW0)/scaling of folded layers (their leading r)."""
         layers = debora.adapter_layers(self.model)
         chosen = [layers[name[: -len(".s")]] for name in layout.names]
         no_svd = [n for n, layer in zip(layout.names, chosen) if layer.rank and not has_svd(layer)]
@@ -492,7 +521,7 @@ class Trainer:
                           f"larger than 1×1, e.g. {no_svd[0][:-2]!r}); they are ranked by their s, which is "
                           "not on the scale of the others' singular values. Leave them out of "
                           "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
-        parts = [debora.singular_values(layer).cpu() for layer in chosen]
+        parts = [debora.singular_values(layer, unfold).cpu() for layer in chosen]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def _nonfinite(self, state: TrainState, message: str) -> None:
@@ -586,6 +615,9 @@ class Trainer:
         est_tensors, est_meta = _estimator_state_out(self.est_state)
         meta = {"iteration": state.iteration, "fw_layout": fw_layout, "optimizer": opt_meta,
                 "layout": state.layout.state_dict(), "ranks": debora.rank_pattern(self.model),
+                # oblique/Stiefel layers whose ΔW0 was unfolded by an SVD cut (refactor.py)
+                "unfolded": sorted(n for n, l in debora.adapter_layers(self.model).items()
+                                   if l.basis != "euclidean" and not l.folded),
                 "samplers": {"d1": state.d1.state_dict(), "d2": state.d2.state_dict(),
                              "d2_est": state.d2_est.state_dict()},
                 "skipped_lower": state.skipped_lower, "skipped_upper": state.skipped_upper,
@@ -636,6 +668,12 @@ class Trainer:
                                  "resume with the same model and target modules")
             if layers[name].rank != r:
                 layers[name].empty_(int(r))
+        unfolded = meta.get("unfolded", [])
+        if not isinstance(unfolded, list) or not all(isinstance(n, str) and n in layers for n in unfolded):
+            raise ValueError(f"checkpoint {path!r} has unfolded={unfolded!r}: it must list adapter layers "
+                             "of this model; the checkpoint is corrupted or from another model")
+        for name in unfolded:             # the saved bases carry ΔW − ΔW0: undo this model's fold
+            layers[name].unfold_()
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for k, v in tensors["model"].items():
