@@ -30,7 +30,7 @@ from .layers import AdapterLayer, CPConv2dAdapter, MatrixAdapter, adapter_layers
 from .manifolds import manifold_step, project_gradients, retract
 from .merge import merge_and_unload
 from .problem import bilevel_problem
-from .refactor import singular_values, svd_refactor
+from .refactor import refold_magnitudes_, singular_values, svd_refactor
 from .truncation import Truncation, truncate
 
 _estimators.register(DeboraClosedForm.name, DeboraClosedForm)
@@ -44,4 +44,4 @@ __all__ = ["DeboraConfig", "inject", "upper_parameters", "lower_parameters", "ba
 from .io import from_pretrained, save_pretrained  # noqa: E402
 from .peft_export import export_peft  # noqa: E402
 
-__all__ += ["save_pretrained", "from_pretrained", "export_peft", "singular_values", "svd_refactor"]
+__all__ += ["save_pretrained", "from_pretrained", "export_peft", "singular_values", "svd_refactor", "refold_magnitudes_"]

@@ -156,3 +156,40 @@ def _reset_state(opt: torch.optim.Optimizer, p: nn.Parameter) -> None:
     for k, v in state.items():
         if isinstance(v, torch.Tensor):
             v.zero_()          # moments and the step counter (Adam's bias correction restarts)
+
+
+@torch.no_grad()
+def refold_magnitudes_(layer: nn.Module, keep: torch.Tensor, s0: float, init_rank: int) -> None:
+    """Give the components ``keep`` (bool mask over the layer's r components) the magnitude s0 again,
+    without changing the model: for an unfolded oblique/Stiefel matrix or 1×1 CP adapter (after
+    ``svd_refactor(..., unfold=True)``, its kept s = σ),
+
+        ΔW0' = scaling · U[:, keep] diag(s0 − s[keep]) V[:, keep]ᵀ        is folded into the weight,
+        s[keep] ← s0,
+
+    so W − ΔW0' + scaling · U diag(s) Vᵀ is unchanged. Components left out of ``keep`` are untouched
+    (the caller removes them). Why: with s held (``fw_step_size = 0``), s sets each component's step
+    size on the sphere; a cut leaves s = σ(ΔW − ΔW0), far from the LoRA-sized s0 the run trained with.
+    The buffers ``<b>0`` keep ``init_rank`` columns (zero-padded), the shape :mod:`debora.io` saves."""
+    if layer.basis == "euclidean" or layer.folded or not has_svd(layer):
+        raise ValueError(f"refold_magnitudes_ needs an unfolded oblique/Stiefel matrix or 1×1 CP adapter "
+                         f"(after svd_refactor(..., unfold=True)); got basis={layer.basis!r}, "
+                         f"folded={layer.folded}, {type(layer).__name__} of rank {layer.rank}")
+    keep = keep.to(device=layer.s.device, dtype=torch.bool)
+    if keep.shape != layer.s.shape:
+        raise ValueError(f"keep has shape {tuple(keep.shape)}, the layer has {layer.rank} components")
+    if not 0 < init_rank or layer.rank > init_rank:
+        raise ValueError(f"init_rank={init_rank} must be >= the layer's rank {layer.rank}")
+    delta = torch.where(keep, s0 - layer.s, torch.zeros_like(layer.s)) * layer.scaling
+    pad = init_rank - layer.rank
+    factors = {}
+    for n in layer.basis_names:
+        P = getattr(layer, n).detach().clone()
+        if n == layer.basis_names[0]:
+            P = P * delta
+        elif isinstance(layer, CPConv2dAdapter) and n in ("C", "D"):
+            P = torch.ones_like(P)                # 1×1: c_i = d_i = 1 after the refactorisation
+        factors[n] = torch.cat([P, P.new_zeros(P.shape[0], pad)], 1)
+    layer.fold_init_(factors)                     # W ← W − ΔW0'
+    layer.refolded = True
+    layer.s.copy_(torch.where(keep, torch.full_like(layer.s, s0), layer.s))

@@ -501,22 +501,31 @@ def test_an_unfolded_svd_refactor_is_the_best_approximation_of_what_training_cha
         assert sig[4:8].abs().max() > 1e-3          # E really had rank > r: the test is not vacuous
 
 
-def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path):
+@pytest.mark.parametrize("refold", [False, True])
+def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path, refold):
     """An oblique run with s held at 1 and an SVD cut in the middle: the layers that lose components
-    are unfolded (their ΔW0 is back in W, the adapter carries ΔW − ΔW0's best approximation), the saved
-    adapter reloads onto a fresh base model with the same outputs and exports to PEFT, and a resume
-    from a checkpoint taken after the cut reproduces the uninterrupted run bit for bit."""
+    are unfolded (their ΔW0 is back in W, the adapter carries ΔW − ΔW0's best approximation) and, with
+    ``refold_magnitudes``, their survivors get s = 1 again over a newly folded ΔW0'. The saved adapter
+    reloads onto a fresh base model with the same outputs and exports to PEFT, and a resume from a
+    checkpoint taken after the cut reproduces the uninterrupted run bit for bit."""
     from transformers import AutoModelForSequenceClassification
     from debora.train.config import PRESETS
 
     kw = dict(PRESETS["svd-cut"], basis="oblique", init_rank=4, target_rank=1.0, prune_start=0.4,
-              prune_end=0.5, epochs=2.0, max_iterations=12, eval_every=0, checkpoint_every=4)
-    a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
+              prune_end=0.5, epochs=2.0, max_iterations=12, eval_every=0, checkpoint_every=4,
+              refold_magnitudes=refold, output_dir=str(tmp_path / f"full{refold}"))
+    a = train(tiny_config(tmp_path, **kw))
     layers = debora.adapter_layers(a.model)
     assert sum(debora.rank_pattern(a.model).values()) == len(layers)
-    unfolded = [n for n, l in layers.items() if not l.folded]
-    assert unfolded                                              # the cut layers were unfolded
-    assert all(not l.init_factors() for n, l in layers.items() if n in unfolded)
+    cut = [n for n, l in layers.items() if l.rank < 4]
+    assert cut
+    for n in cut:
+        layer = layers[n]
+        if refold:       # refolded: s back at init_s = 1, a new ΔW0' (zero-padded to r0 = 4 columns)
+            assert layer.folded and torch.equal(layer.s.detach(), torch.ones(layer.rank))
+            assert layer.init_factors()["U"].shape == (layer.U.shape[0], 4)
+        else:            # unfolded: s = σ(ΔW − ΔW0), no folded factors left
+            assert not layer.folded and not layer.init_factors()
 
     class Stop(Exception):
         pass
@@ -525,7 +534,7 @@ def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path):
         if state.iteration == 9:
             raise Stop
 
-    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
+    cfg = tiny_config(tmp_path, **dict(kw, output_dir=str(tmp_path / f"split{refold}")))
     with pytest.raises(Stop):
         train(cfg, callback=stop_at_9)                            # the checkpoint at 8 is after the cut
     b = train(cfg.replace(resume="auto"))
@@ -539,3 +548,85 @@ def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path):
         torch.testing.assert_close(loaded(input_ids=ids).logits, a.model(input_ids=ids).logits)
     debora.export_peft(a.model, str(tmp_path / "peft"))
     assert os.path.isfile(tmp_path / "peft" / "adapter_config.json")
+
+
+@pytest.mark.parametrize("kind", ["linear", "pointwise-conv"])
+def test_refolded_magnitudes_leave_the_model_unchanged_and_round_trip(tmp_path, kind):
+    """refold_magnitudes_: kept components get s = s0, the difference is folded into W, the outputs
+    are the same to 1e-12 (float64); the zero-padded buffers save and load exactly; a folded layer is
+    refused with an error that names the fix."""
+    torch.manual_seed(0)
+    if kind == "linear":
+        make = lambda: _tiny_bert().double().eval()          # noqa: E731
+        targets, x = ["query", "value"], {"input_ids": _batch()["input_ids"]}
+        run = lambda m: m(**x).logits                         # noqa: E731
+    else:
+        torch.manual_seed(0)
+        net0 = torch.nn.Sequential(torch.nn.Conv2d(9, 7, 1), torch.nn.ReLU(), torch.nn.Conv2d(7, 8, 1)).double()
+        make = lambda: __import__("copy").deepcopy(net0)     # noqa: E731
+        targets, x = ["0", "2"], torch.randn(2, 9, 4, 4, dtype=torch.float64)
+        run = lambda m: m(x)                                  # noqa: E731
+    torch.manual_seed(1)
+    model = debora.inject(make(), debora.DeboraConfig(target_modules=targets, init_rank=4, basis="oblique",
+                                                      init_s=0.2, tau=8.0))
+    _trained_like(model, torch.Generator().manual_seed(1))
+    layer0 = next(iter(debora.adapter_layers(model).values()))
+    with pytest.raises(ValueError, match="unfold=True"):
+        debora.refold_magnitudes_(layer0, torch.ones(4, dtype=torch.bool), 1.0, 4)
+    debora.svd_refactor(model, unfold=True)
+    for layer in debora.adapter_layers(model).values():
+        layer.keep_(torch.arange(3))                          # a cut to rank 3
+    with torch.no_grad():
+        before = run(model).clone()
+    keep = torch.tensor([True, True, False])
+    for layer in debora.adapter_layers(model).values():
+        s_before = layer.s.detach().clone()
+        debora.refold_magnitudes_(layer, keep, 1.0, 4)
+        assert layer.folded
+        assert torch.equal(layer.s.detach(), torch.tensor([1.0, 1.0, float(s_before[2])], dtype=torch.float64))
+        assert all(t.shape[1] == 4 and not t[:, 3:].any() for n, t in layer.init_factors().items()
+                   if n in ("U", "A"))
+    with torch.no_grad():
+        torch.testing.assert_close(run(model), before, rtol=0, atol=1e-12)
+    debora.save_pretrained(model, str(tmp_path / "ad"))
+    loaded = debora.from_pretrained(make(), str(tmp_path / "ad"))
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), before, rtol=0, atol=1e-12)
+
+
+def test_svd_allocation_and_refold_validation():
+    from debora.train import TrainConfig
+    from debora.train.config import PRESETS
+    with pytest.raises(ValueError, match="svd_allocation"):
+        TrainConfig(svd_allocation="sigma3")
+    with pytest.raises(ValueError, match="refold_magnitudes"):
+        TrainConfig(**dict(PRESETS["svd-cut"], refold_magnitudes=True))            # Euclidean bases
+    with pytest.raises(ValueError, match="refold_magnitudes"):
+        TrainConfig(refold_magnitudes=True)                                          # the default: FW on s
+    cfg = TrainConfig(**dict(PRESETS["svd-cut"], basis="oblique", refold_magnitudes=True,
+                             svd_allocation="sigma2_per_param"))
+    assert cfg.refold_magnitudes and cfg.svd_allocation == "sigma2_per_param"
+
+
+def test_sigma2_per_param_allocation_ranks_components_by_energy_per_parameter(tmp_path):
+    """The key the count budget cuts by: σ²/(parameters per component) with sigma2_per_param, σ with
+    sigma (each layer's σ of ΔW − ΔW0 for folded layers, float64 reference)."""
+    from debora.train.loop import Trainer
+    from debora.train.run import prepare, resolve_device
+    from debora.train.config import PRESETS
+    keys = {}
+    for alloc in ("sigma", "sigma2_per_param"):
+        cfg = tiny_config(tmp_path, **dict(PRESETS["svd-cut"], basis="oblique", svd_allocation=alloc,
+                                           target_rank=1.0, output_dir=str(tmp_path / alloc)))
+        model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
+        _trained_like(model, torch.Generator().manual_seed(3))
+        trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"))
+        layout = trainer.init_state().layout
+        keys[alloc] = trainer.singular_key(layout, unfold=True).double()
+        ref = []
+        for name in layout.names:
+            layer = debora.adapter_layers(model)[name[:-2]]
+            E = (layer.delta_weight() - layer.unfold_delta()).double()
+            sig = torch.linalg.svdvals(E)[:layer.rank] / layer.scaling
+            ref.append(sig if alloc == "sigma" else sig ** 2 / (layer.adapter_numel() / layer.rank))
+        torch.testing.assert_close(keys[alloc], torch.cat(ref), rtol=1e-4, atol=1e-7)

@@ -44,6 +44,7 @@ class AdapterLayer(nn.Module):
         self.basis = basis
         self.scaling = float(scaling)
         self.folded = False
+        self.refolded = False      # the folded ΔW0 is not the injection's (refactor.refold_magnitudes_)
 
     # -- shape information ------------------------------------------------------------------------
     @property
@@ -129,10 +130,18 @@ class AdapterLayer(nn.Module):
         self.folded = True
 
     @torch.no_grad()
-    def refold_(self, factors: Dict[str, torch.Tensor]) -> None:
+    def refold_(self, factors: Dict[str, torch.Tensor], weight: Optional[torch.Tensor] = None) -> None:
         """Replace the folded ΔW0 by the one of ``factors`` (``{"U": U0, "V": V0}`` / ``A``..``D``, as
         returned by :meth:`init_factors`). Use it when restoring a checkpoint of an oblique/Stiefel
-        model into a freshly injected one whose random ΔW0 differs (``W ← W + ΔW0_old − ΔW0_new``)."""
+        model into a freshly injected one whose random ΔW0 differs (``W ← W + ΔW0_old − ΔW0_new``);
+        ``weight``: the saved base weight, copied as it is (bit-exact, where the arithmetic above
+        rounds differently from the run that folded several times)."""
+        if weight is not None:
+            self.weight_ref.copy_(weight)
+            for n, t in factors.items():
+                self.register_buffer(n + "0", t.to(self.weight_ref).contiguous())
+            self.folded = True
+            return
         if self.folded:
             self.weight_ref.add_(self.unfold_delta())
         self.fold_init_(factors)
@@ -147,7 +156,7 @@ class AdapterLayer(nn.Module):
         self.weight_ref.add_(self.unfold_delta())
         for n in self.basis_names:
             self._buffers.pop(n + "0", None)
-        self.folded = False
+        self.folded = self.refolded = False
 
     @torch.no_grad()
     def unfold_delta(self) -> torch.Tensor:

@@ -60,6 +60,11 @@ class TrainConfig:
     prune_by: str = "s"                    # which components go first: smallest "s"; "svd": re-factorise the
                                            # layers that lose components (debora/refactor.py), smallest σ
                                            # first; "random" (ablation)
+    svd_allocation: str = "sigma"         # prune_by="svd": which components go first over all layers: the
+                                           # smallest σ ("sigma"), or the smallest σ² per parameter a component
+                                           # costs ("sigma2_per_param": energy kept per parameter)
+    refold_magnitudes: bool = False        # prune_by="svd", s held (fw_step_size=0): survivors of a cut get
+                                           # s = init_s back, the difference folded into W (refactor.py)
     # -- bilevel algorithm -------------------------------------------------------------------------
     split: str = "same"                    # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
     estimator: str = "first-order"
@@ -123,7 +128,8 @@ class TrainConfig:
 
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
-                              ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random"))):
+                              ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
+                              ("svd_allocation", ("sigma", "sigma2_per_param"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise ValueError(f"tau (τ, the rank budget) must be > 0, got {self.tau!r}")
@@ -196,6 +202,14 @@ class TrainConfig:
                              f"estimator={self.estimator!r}, fw_step={self.fw_step!r}")
         if not (isinstance(self.gap_patience, int) and self.gap_patience >= 1):
             raise ValueError(f"gap_patience must be an integer >= 1, got {self.gap_patience!r}")
+        if self.refold_magnitudes and not (self.prune_by == "svd" and self.basis != "euclidean"
+                                           and self.init_s is not None and self.fw_step_size == 0
+                                           and self.fw_step == "constant"):
+            raise ValueError(f"refold_magnitudes gives the survivors of an SVD cut s = init_s again; it needs "
+                             f"prune_by='svd', oblique or stiefel bases, init_s set and s held "
+                             f"(fw_step='constant', fw_step_size=0), got prune_by={self.prune_by!r}, "
+                             f"basis={self.basis!r}, init_s={self.init_s!r}, fw_step={self.fw_step!r}, "
+                             f"fw_step_size={self.fw_step_size!r}; use --preset svd-cut --basis oblique")
         if self.truncate_atol is not None and self.truncate_atol < 0:
             raise ValueError(f"truncate_atol must be >= 0 or None, got {self.truncate_atol!r}")
         if isinstance(self.target_modules, str) and not self.target_modules:

@@ -50,7 +50,7 @@ from .models import forward, inputs_fn, loss_fn
 from .split import Sampler
 
 from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
-from debora.refactor import has_svd  # noqa: E402
+from debora.refactor import has_svd, refold_magnitudes_  # noqa: E402
 
 
 class NonFiniteError(FloatingPointError):
@@ -503,6 +503,13 @@ class Trainer:
                     unfold = False
                     key, force = choose(False)
             debora.svd_refactor(self.model, losing(force), optimizer=state.optimizer, unfold=unfold)
+            if self.cfg.refold_magnitudes:   # survivors back at s = init_s, the difference folded into W
+                offsets = state.layout.offsets
+                for name, size in zip(state.layout.names, state.layout.sizes):
+                    layer = layers[name[: -len(".s")]]
+                    if size and layer.basis != "euclidean" and not layer.folded and has_svd(layer):
+                        keep = ~force[offsets[name]:offsets[name] + size]
+                        refold_magnitudes_(layer, keep, float(self.cfg.init_s), self.cfg.init_rank)
             x_now = self.s_vector().to(device=fw_state.x.device, dtype=fw_state.x.dtype)
         x_new = torch.where(force.to(fw_state.x.device), floor, x_now)
         fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
@@ -522,6 +529,9 @@ class Trainer:
                           "not on the scale of the others' singular values. Leave them out of "
                           "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
         parts = [debora.singular_values(layer, unfold).cpu() for layer in chosen]
+        if self.cfg.svd_allocation == "sigma2_per_param":   # energy kept per parameter of the component
+            parts = [p ** 2 / (layer.adapter_numel() / layer.rank) if layer.rank else p
+                     for p, layer in zip(parts, chosen)]
         return torch.cat(parts) if parts else torch.zeros(0)
 
     def _nonfinite(self, state: TrainState, message: str) -> None:
@@ -629,8 +639,16 @@ class Trainer:
                 "estimator_state": est_meta}
         if self.label_names is not None:
             meta["labels"] = list(self.label_names)
+        # ΔW0 folded into the weights (oblique/Stiefel): a fresh injection re-creates the same one from the
+        # seed, but an SVD cut with refold_magnitudes folds another (refactor.refold_magnitudes_): those
+        # layers' folded factors and base weights are saved (the weight exactly as it is)
+        folded = {}
+        for n, l in debora.adapter_layers(self.model).items():
+            if l.folded and l.refolded:
+                folded.update({f"{n}.{b}0": t.detach() for b, t in l.init_factors().items()})
+                folded[f"{n}.base_weight"] = l.weight_ref.detach()
         groups = {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors, "rng": rng,
-                  "estimator": est_tensors}
+                  "estimator": est_tensors, "folded": folded}
         if self.dist is None:
             return ckpt.save(path, groups, meta)
         # rank 0 writes; every rank learns whether it worked (no rank waits for a failed writer)
@@ -674,6 +692,31 @@ class Trainer:
                              "of this model; the checkpoint is corrupted or from another model")
         for name in unfolded:             # the saved bases carry ΔW − ΔW0: undo this model's fold
             layers[name].unfold_()
+        folded = tensors.get("folded", {})    # optional group: layers refolded by an SVD cut
+        for key, t in folded.items():
+            name, _, buf = key.rpartition(".")
+            layer = layers.get(name)
+            ok = layer is not None and name not in unfolded and layer.folded
+            if ok:
+                want = (layer.weight_ref.shape if buf == "base_weight" else
+                        layer.init_factors()[buf[:-1]].shape if buf[-1:] == "0" and buf[:-1] in layer.basis_names
+                        else None)
+                ok = want is not None and t.shape == want
+            if not ok:
+                raise ValueError(f"checkpoint {path!r} has a folded tensor {key!r} of shape {tuple(t.shape)} "
+                                 "that this model's adapters do not have; the checkpoint is corrupted or "
+                                 "from another model")
+        for name, layer in layers.items():
+            want = [f"{name}.{b}0" for b in layer.basis_names] + [f"{name}.base_weight"]
+            got = [k for k in want if k in folded]
+            if not got:
+                continue
+            if len(got) != len(want):
+                raise ValueError(f"checkpoint {path!r} has only {got} of {want}; the checkpoint is corrupted")
+            ref = layer.weight_ref
+            layer.refold_({b: folded[f"{name}.{b}0"].to(ref) for b in layer.basis_names},
+                          weight=folded[f"{name}.base_weight"].to(ref))
+            layer.refolded = True
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for k, v in tensors["model"].items():
