@@ -630,3 +630,37 @@ def test_sigma2_per_param_allocation_ranks_components_by_energy_per_parameter(tm
             sig = torch.linalg.svdvals(E)[:layer.rank] / layer.scaling
             ref.append(sig if alloc == "sigma" else sig ** 2 / (layer.adapter_numel() / layer.rank))
         torch.testing.assert_close(keys[alloc], torch.cat(ref), rtol=1e-4, atol=1e-7)
+
+
+def test_an_unfolded_cut_that_would_leave_the_budget_falls_back_to_the_folded_cut(tmp_path):
+    """Under a tight per-layer τ, s = σ(ΔW − ΔW0) after an unfolded cut can exceed the budget (Σσ(E) is
+    not bounded by Σs): the trainer warns, cuts ΔW instead (folded: Σσ(ΔW) ≤ Σs, Eckart–Young on ΔW)
+    and the Frank-Wolfe state stays feasible; when the budget is loose the same cut unfolds."""
+    from debora.train.loop import Trainer
+    from debora.train.run import prepare, resolve_device
+    for tau, expect_fold in ((0.6, True), (100.0, False)):
+        cfg = tiny_config(tmp_path, basis="oblique", budget="per_layer", tau=tau, init_s=0.15,
+                          fw_step="constant", fw_step_size=0.0, prune_by="svd", target_rank=1.0,
+                          split="same", estimator="first-order", prune_start=0.0, prune_end=0.5,
+                          output_dir=str(tmp_path / f"fb{tau}"))
+        model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
+        trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"))
+        state = trainer.init_state()
+        for layer in debora.adapter_layers(model).values():
+            # every component along the top singular pair (u, v) of −ΔW0: ΔW = scaling Σs u vᵀ, so
+            # σ1(ΔW − ΔW0)/scaling ≥ Σs + σ1(ΔW0)/scaling > Σs = 0.6 = τ: the unfolded survivor is too big
+            P, _, Qh = torch.linalg.svd(-layer.unfold_delta())
+            with torch.no_grad():
+                layer.U.copy_(P[:, :1].expand_as(layer.U))
+                layer.V.copy_(Qh[:1].T.expand_as(layer.V))
+        state.iteration = trainer.total_iterations
+        if expect_fold:
+            with pytest.warns(RuntimeWarning, match="would leave the budget"):
+                removed = trainer.truncate(state)
+        else:
+            removed = trainer.truncate(state)
+        layers = debora.adapter_layers(model)
+        assert removed == 3 * len(layers) and set(debora.rank_pattern(model).values()) == {1}
+        assert all(l.folded == expect_fold for l in layers.values())
+        S = state.fw_state.set
+        assert S.feasibility_error(state.fw_state.x) is None
