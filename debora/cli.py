@@ -48,6 +48,11 @@ FLAGS = [
                                     "(smallest singular values, each cut layer re-factorised) | random"),
     ("--svd-allocation", "svd_allocation", str, "with --prune-by svd: sigma (smallest σ over all layers) | "
                                                 "sigma2_per_param (smallest σ² per parameter of a component)"),
+    ("--refold-magnitudes", "refold_magnitudes", str, "with --prune-by svd, s held and oblique/Stiefel "
+                                                      "bases: the survivors of a cut get s = init-s back "
+                                                      "(init_s) or share their layer's initial Σs "
+                                                      "(layer_total), the difference folded into the base "
+                                                      "weight (the model is unchanged); off (default)"),
     ("--split", "split", str, "halves (D1, D2 equal random halves) | same (D1 = D2)"),
     ("--estimator", "estimator", str, "hypergradient estimator (bilevel.estimators.available())"),
     ("--estimator-options", "estimator_options", json.loads, "JSON dict of estimator options"),
@@ -134,10 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fused-first-order", dest="fused_first_order", action="store_true", default=None,
                     help="with --split same and --estimator first-order: take ∂_s f from the lower "
                          "backward passes (no extra pass per iteration)")
-    tr.add_argument("--refold-magnitudes", dest="refold_magnitudes", action="store_true", default=None,
-                    help="with --prune-by svd and s held (svd-cut / fixed-oblique with oblique bases): the "
-                         "components that survive a cut get s = init-s back, the difference folded into "
-                         "the base weight (the model is unchanged)")
     tr.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
                     help="replace the outputs of an earlier run in --output-dir (default: refuse a "
                          "non-empty output directory unless --resume is given)")
@@ -163,8 +164,7 @@ def config_from_args(args) -> "TrainConfig":
         v = getattr(args, dest)
         if v is not None:
             values[dest] = _split_list(v) if dest in LIST_FIELDS else v
-    for dest in ("export_peft", "plots", "progress", "fused_first_order", "overwrite", "allow_many_classes",
-                 "refold_magnitudes"):
+    for dest in ("export_peft", "plots", "progress", "fused_first_order", "overwrite", "allow_many_classes"):
         v = getattr(args, dest)
         if v is not None:
             values[dest] = v

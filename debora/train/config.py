@@ -63,8 +63,10 @@ class TrainConfig:
     svd_allocation: str = "sigma"         # prune_by="svd": which components go first over all layers: the
                                            # smallest σ ("sigma"), or the smallest σ² per parameter a component
                                            # costs ("sigma2_per_param": energy kept per parameter)
-    refold_magnitudes: bool = False        # prune_by="svd", s held (fw_step_size=0): survivors of a cut get
-                                           # s = init_s back, the difference folded into W (refactor.py)
+    refold_magnitudes: str = "off"         # prune_by="svd", s held (fw_step_size=0): the survivors of a cut
+                                           # get s = init_s back ("init_s"), or share their layer's initial
+                                           # Σs = r0·init_s ("layer_total"); the difference is folded into W
+                                           # (refactor.py); "off": s = σ(ΔW − ΔW0) after the cut
     # -- bilevel algorithm -------------------------------------------------------------------------
     split: str = "same"                    # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
     estimator: str = "first-order"
@@ -119,6 +121,8 @@ class TrainConfig:
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
         from .config_checks import check_fields
+        if isinstance(self.refold_magnitudes, bool):      # True/False of a config file: init_s / off
+            self.refold_magnitudes = "init_s" if self.refold_magnitudes else "off"
         check_fields(self)     # coerce each field by its type; finite numbers; ranges not checked below
 
         def choice(name, options):
@@ -129,7 +133,8 @@ class TrainConfig:
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
                               ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
-                              ("svd_allocation", ("sigma", "sigma2_per_param"))):
+                              ("svd_allocation", ("sigma", "sigma2_per_param")),
+                              ("refold_magnitudes", ("off", "init_s", "layer_total"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise ValueError(f"tau (τ, the rank budget) must be > 0, got {self.tau!r}")
@@ -202,10 +207,11 @@ class TrainConfig:
                              f"estimator={self.estimator!r}, fw_step={self.fw_step!r}")
         if not (isinstance(self.gap_patience, int) and self.gap_patience >= 1):
             raise ValueError(f"gap_patience must be an integer >= 1, got {self.gap_patience!r}")
-        if self.refold_magnitudes and not (self.prune_by == "svd" and self.basis != "euclidean"
+        if self.refold_magnitudes != "off" and not (self.prune_by == "svd" and self.basis != "euclidean"
                                            and self.init_s is not None and self.fw_step_size == 0
                                            and self.fw_step == "constant"):
-            raise ValueError(f"refold_magnitudes gives the survivors of an SVD cut s = init_s again; it needs "
+            raise ValueError(f"refold_magnitudes={self.refold_magnitudes!r} resets the magnitudes s of an SVD "
+                             f"cut's survivors; it needs "
                              f"prune_by='svd', oblique or stiefel bases, init_s set and s held "
                              f"(fw_step='constant', fw_step_size=0), got prune_by={self.prune_by!r}, "
                              f"basis={self.basis!r}, init_s={self.init_s!r}, fw_step={self.fw_step!r}, "

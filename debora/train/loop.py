@@ -503,13 +503,16 @@ class Trainer:
                     unfold = False
                     key, force = choose(False)
             debora.svd_refactor(self.model, losing(force), optimizer=state.optimizer, unfold=unfold)
-            if self.cfg.refold_magnitudes:   # survivors back at s = init_s, the difference folded into W
+            if self.cfg.refold_magnitudes != "off":   # survivors' s reset, the difference folded into W
                 offsets = state.layout.offsets
                 for name, size in zip(state.layout.names, state.layout.sizes):
                     layer = layers[name[: -len(".s")]]
                     if size and layer.basis != "euclidean" and not layer.folded and has_svd(layer):
                         keep = ~force[offsets[name]:offsets[name] + size]
-                        refold_magnitudes_(layer, keep, float(self.cfg.init_s), self.cfg.init_rank)
+                        s0 = float(self.cfg.init_s)
+                        if self.cfg.refold_magnitudes == "layer_total":   # Σ s of the layer = r0·init_s
+                            s0 *= self.cfg.init_rank / max(int(keep.sum()), 1)
+                        refold_magnitudes_(layer, keep, s0, self.cfg.init_rank)
             x_now = self.s_vector().to(device=fw_state.x.device, dtype=fw_state.x.dtype)
         x_new = torch.where(force.to(fw_state.x.device), floor, x_now)
         fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
