@@ -47,7 +47,8 @@ FLAGS = [
     ("--prune-by", "prune_by", str, "which components the count budget removes: s (smallest s) | svd "
                                     "(smallest singular values, each cut layer re-factorised) | random"),
     ("--svd-allocation", "svd_allocation", str, "with --prune-by svd: sigma (smallest σ over all layers) | "
-                                                "sigma2_per_param (smallest σ² per parameter of a component)"),
+                                                "sigma2_per_param (smallest σ² per parameter of a component) | uniform (each "
+                                                "layer's σ-tail in turn: equal ranks)"),
     ("--refold-magnitudes", "refold_magnitudes", str, "with --prune-by svd, s held and oblique/Stiefel "
                                                       "bases: the survivors of a cut get s = init-s back "
                                                       "(init_s) or share their layer's initial Σs "

@@ -62,7 +62,8 @@ class TrainConfig:
                                            # first; "random" (ablation)
     svd_allocation: str = "sigma"         # prune_by="svd": which components go first over all layers: the
                                            # smallest σ ("sigma"), or the smallest σ² per parameter a component
-                                           # costs ("sigma2_per_param": energy kept per parameter)
+                                           # costs ("sigma2_per_param": energy kept per parameter); "uniform":
+                                           # each layer's smallest σ in turn (equal ranks: the ablation)
     refold_magnitudes: str = "off"         # prune_by="svd", s held (fw_step_size=0): the survivors of a cut
                                            # get s = init_s back ("init_s"), or share their layer's initial
                                            # Σs = r0·init_s ("layer_total"); the difference is folded into W
@@ -133,7 +134,7 @@ class TrainConfig:
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
                               ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
-                              ("svd_allocation", ("sigma", "sigma2_per_param")),
+                              ("svd_allocation", ("sigma", "sigma2_per_param", "uniform")),
                               ("refold_magnitudes", ("off", "init_s", "layer_total"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
