@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fused-first-order", dest="fused_first_order", action="store_true", default=None,
                     help="with --split same and --estimator first-order: take ∂_s f from the lower "
                          "backward passes (no extra pass per iteration)")
+    tr.add_argument("--no-svd-unfold", dest="svd_unfold", action="store_false", default=None,
+                    help="with --prune-by svd on oblique/Stiefel bases: cut ΔW with the initial ΔW0 left "
+                         "folded in the weight (default: cut ΔW − ΔW0, what training changed)")
     tr.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
                     help="replace the outputs of an earlier run in --output-dir (default: refuse a "
                          "non-empty output directory unless --resume is given)")
@@ -165,7 +168,8 @@ def config_from_args(args) -> "TrainConfig":
         v = getattr(args, dest)
         if v is not None:
             values[dest] = _split_list(v) if dest in LIST_FIELDS else v
-    for dest in ("export_peft", "plots", "progress", "fused_first_order", "overwrite", "allow_many_classes"):
+    for dest in ("export_peft", "plots", "progress", "fused_first_order", "overwrite", "allow_many_classes",
+                 "svd_unfold"):
         v = getattr(args, dest)
         if v is not None:
             values[dest] = v

@@ -678,3 +678,17 @@ def test_the_uniform_svd_allocation_cuts_every_layer_to_the_same_rank(tmp_path):
     assert set(debora.rank_pattern(res.model).values()) == {2}
     for layer in debora.adapter_layers(res.model).values():             # Σ s = r0 · init_s = 4
         torch.testing.assert_close(layer.s.detach(), torch.full((2,), 2.0))
+
+
+def test_svd_unfold_false_cuts_the_folded_update(tmp_path):
+    """svd_unfold=False (the ablation): the cut re-factorises ΔW itself, ΔW0 stays folded in every layer;
+    refold_magnitudes needs the unfolded cut and says so."""
+    from debora.train import TrainConfig
+    from debora.train.config import PRESETS
+    kw = dict(PRESETS["svd-cut"], basis="oblique", init_rank=4, target_rank=1.0, svd_unfold=False)
+    with pytest.raises(ValueError, match="svd_unfold"):
+        TrainConfig(**dict(kw, refold_magnitudes="init_s"))
+    res = _run(tmp_path, "folded", **kw)
+    layers = debora.adapter_layers(res.model)
+    assert sum(debora.rank_pattern(res.model).values()) == len(layers)
+    assert all(l.folded and not l.refolded for l in layers.values())

@@ -64,6 +64,8 @@ class TrainConfig:
                                            # smallest σ ("sigma"), or the smallest σ² per parameter a component
                                            # costs ("sigma2_per_param": energy kept per parameter); "uniform":
                                            # each layer's smallest σ in turn (equal ranks: the ablation)
+    svd_unfold: bool = True                # prune_by="svd" on oblique/Stiefel bases: cut ΔW − ΔW0 (what training
+                                           # changed) and unfold ΔW0; False: cut ΔW with ΔW0 left folded
     refold_magnitudes: str = "off"         # prune_by="svd", s held (fw_step_size=0): the survivors of a cut
                                            # get s = init_s back ("init_s"), or share their layer's initial
                                            # Σs = r0·init_s ("layer_total"); the difference is folded into W
@@ -208,11 +210,12 @@ class TrainConfig:
                              f"estimator={self.estimator!r}, fw_step={self.fw_step!r}")
         if not (isinstance(self.gap_patience, int) and self.gap_patience >= 1):
             raise ValueError(f"gap_patience must be an integer >= 1, got {self.gap_patience!r}")
-        if self.refold_magnitudes != "off" and not (self.prune_by == "svd" and self.basis != "euclidean"
+        if self.refold_magnitudes != "off" and not (self.prune_by == "svd" and self.svd_unfold
+                                                    and self.basis != "euclidean"
                                            and self.init_s is not None and self.fw_step_size == 0
                                            and self.fw_step == "constant"):
             raise ValueError(f"refold_magnitudes={self.refold_magnitudes!r} resets the magnitudes s of an SVD "
-                             f"cut's survivors; it needs "
+                             f"cut's survivors; it needs svd_unfold and "
                              f"prune_by='svd', oblique or stiefel bases, init_s set and s held "
                              f"(fw_step='constant', fw_step_size=0), got prune_by={self.prune_by!r}, "
                              f"basis={self.basis!r}, init_s={self.init_s!r}, fw_step={self.fw_step!r}, "

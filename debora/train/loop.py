@@ -472,7 +472,7 @@ class Trainer:
             return [name[: -len(".s")] for name, size in zip(state.layout.names, state.layout.sizes)
                     if size and bool(force[offsets[name]:offsets[name] + size].any())]
 
-        unfold = self.cfg.prune_by == "svd"
+        unfold = self.cfg.prune_by == "svd" and self.cfg.svd_unfold
         key, force = choose(unfold)
         if not bool(force.any()):
             return force
@@ -485,7 +485,7 @@ class Trainer:
             # (folded: Σσ(ΔW) ≤ Σ s), with a warning.
             layers = debora.adapter_layers(self.model)
             names = losing(force)
-            if any(layers[n].folded for n in names):
+            if unfold and any(layers[n].folded for n in names):
                 cand = self.s_vector().to(key)
                 offsets = state.layout.offsets
                 for name, size in zip(state.layout.names, state.layout.sizes):
