@@ -671,10 +671,15 @@ def test_an_unfolded_cut_that_would_leave_the_budget_falls_back_to_the_folded_cu
 
 def test_the_uniform_svd_allocation_cuts_every_layer_to_the_same_rank(tmp_path):
     """svd_allocation="uniform" (the ablation of the allocation): a cut to target_rank 2 from r0 = 4
-    leaves every layer at rank 2 (the global allocations may leave layers at 0 or 4)."""
+    leaves every layer at rank 2 (the global allocations may leave layers at 0 or 4), also when the cut
+    is spread over several iterations (layers cut first are not cut again before the others)."""
     from debora.train.config import PRESETS
     res = _run(tmp_path, "uniform", **dict(PRESETS["svd-cut"], basis="oblique", init_rank=4, target_rank=2.0,
-                                           svd_allocation="uniform", refold_magnitudes="layer_total"))
+                                           svd_allocation="uniform", refold_magnitudes="layer_total",
+                                           prune_start=0.2, prune_end=0.8))
+    rec = [r for r in map(__import__("json").loads, open(tmp_path / "uniform" / "metrics.jsonl"))
+           if r["kind"] == "train"]
+    assert len({r["total_rank"] for r in rec}) > 3                      # a gradual cut, several steps
     assert set(debora.rank_pattern(res.model).values()) == {2}
     for layer in debora.adapter_layers(res.model).values():             # Σ s = r0 · init_s = 4
         torch.testing.assert_close(layer.s.detach(), torch.full((2,), 2.0))

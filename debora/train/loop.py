@@ -535,8 +535,8 @@ class Trainer:
         if self.cfg.svd_allocation == "sigma2_per_param":   # energy kept per parameter of the component
             parts = [p ** 2 / (layer.adapter_numel() / layer.rank) if layer.rank else p
                      for p, layer in zip(parts, chosen)]
-        elif self.cfg.svd_allocation == "uniform":   # every layer's σ-tail first: equal ranks, no allocation
-            parts = [torch.arange(layer.rank, 0, -1, dtype=p.dtype) + p / (1.0 + p) for p, layer in
+        elif self.cfg.svd_allocation == "uniform":   # the highest-ranked layers' σ-tails first: equal ranks
+            parts = [-torch.arange(layer.rank, dtype=p.dtype) + p / (1.0 + p) for p, layer in
                      zip(parts, chosen)]
         return torch.cat(parts) if parts else torch.zeros(0)
 
