@@ -95,6 +95,9 @@ EXAMPLES = """examples:
   # images: packaged EfficientNet-Lite0 on Fashion-MNIST with CP conv adapters
   debora train --preset default --dataset fashion-mnist --image-size 32 --max-examples 3000 \\
       --max-eval-examples 2000 --epochs 2 --lr 1e-3 --output-dir runs/fmnist
+  # ... at a fixed rank 2 with s held at 1 (no rank selection; the best we measured on images)
+  debora train --preset fixed-oblique --init-rank 2 --dataset fashion-mnist --image-size 32 \\
+      --max-examples 2400 --epochs 3 --lr 1e-3 --output-dir runs/fmnist-fixed
 
   # network + GPU: DeBERTa-v3-base on GLUE with the paper's settings (one task per run)
   debora train --preset paper --model microsoft/deberta-v3-base --dataset glue --dataset-config sst2 \\
