@@ -635,7 +635,8 @@ def test_sigma2_per_param_allocation_ranks_components_by_energy_per_parameter(tm
         torch.testing.assert_close(keys[alloc], torch.cat(ref), rtol=1e-4, atol=1e-7)
 
 
-def test_an_unfolded_cut_that_would_leave_the_budget_falls_back_to_the_folded_cut(tmp_path):
+@pytest.mark.parametrize("allocation", ["sigma", "sigma2_per_param", "uniform"])
+def test_an_unfolded_cut_that_would_leave_the_budget_falls_back_to_the_folded_cut(tmp_path, allocation):
     """Under a tight per-layer τ, s = σ(ΔW − ΔW0) after an unfolded cut can exceed the budget (Σσ(E) is
     not bounded by Σs): the trainer warns, cuts ΔW instead (folded: Σσ(ΔW) ≤ Σs, Eckart–Young on ΔW)
     and the Frank-Wolfe state stays feasible; when the budget is loose the same cut unfolds."""
@@ -645,7 +646,7 @@ def test_an_unfolded_cut_that_would_leave_the_budget_falls_back_to_the_folded_cu
         cfg = tiny_config(tmp_path, basis="oblique", budget="per_layer", tau=tau, init_s=0.15,
                           fw_step="constant", fw_step_size=0.0, prune_by="svd", target_rank=1.0,
                           split="same", estimator="first-order", prune_start=0.0, prune_end=0.5,
-                          output_dir=str(tmp_path / f"fb{tau}"))
+                          svd_allocation=allocation, output_dir=str(tmp_path / f"fb{tau}"))
         model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
         trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"))
         state = trainer.init_state()

@@ -486,12 +486,21 @@ class Trainer:
             layers = debora.adapter_layers(self.model)
             names = losing(force)
             if unfold and any(layers[n].folded for n in names):
-                cand = self.s_vector().to(key)
+                # s after the cut: σ(ΔW − ΔW0) of each folded losing layer (or the refolded s0), the
+                # floor for the removed components; the other layers' s as they are (Σσ(ΔW) ≤ Σs)
+                cand = self.s_vector().to(x)
                 offsets = state.layout.offsets
                 for name, size in zip(state.layout.names, state.layout.sizes):
-                    if name[: -len(".s")] in names:
+                    layer = layers[name[: -len(".s")]]
+                    if name[: -len(".s")] in names and layer.folded and has_svd(layer):
                         sl = slice(offsets[name], offsets[name] + size)
-                        cand[sl] = key[sl].clamp_min(self.cfg.eps)
+                        new = debora.singular_values(layer, unfold=True).to(x).clamp_min(self.cfg.eps)
+                        if self.cfg.refold_magnitudes != "off":
+                            kept = max(int((~force[sl]).sum()), 1)
+                            s0 = float(self.cfg.init_s) * (self.cfg.init_rank / kept
+                                                          if self.cfg.refold_magnitudes == "layer_total" else 1.0)
+                            new = torch.full_like(new, s0)
+                        cand[sl] = new
                 cand = torch.where(force, floor.to(cand), cand)
                 msg = S.feasibility_error(cand.to(fw_state.x), name="s after the cut")
                 if msg is not None:
