@@ -496,10 +496,7 @@ class Trainer:
                         sl = slice(offsets[name], offsets[name] + size)
                         new = debora.singular_values(layer, unfold=True).to(x).clamp_min(self.cfg.eps)
                         if self.cfg.refold_magnitudes != "off":
-                            kept = max(int((~force[sl]).sum()), 1)
-                            s0 = float(self.cfg.init_s) * (self.cfg.init_rank / kept
-                                                          if self.cfg.refold_magnitudes == "layer_total" else 1.0)
-                            new = torch.full_like(new, s0)
+                            new = torch.full_like(new, self.refolded_s(int((~force[sl]).sum())))
                         cand[sl] = new
                 cand = torch.where(force, floor.to(cand), cand)
                 msg = S.feasibility_error(cand.to(fw_state.x), name="s after the cut")
@@ -518,15 +515,20 @@ class Trainer:
                     layer = layers[name[: -len(".s")]]
                     if size and layer.basis != "euclidean" and not layer.folded and has_svd(layer):
                         keep = ~force[offsets[name]:offsets[name] + size]
-                        s0 = float(self.cfg.init_s)
-                        if self.cfg.refold_magnitudes == "layer_total":   # Σ s of the layer = r0·init_s
-                            s0 *= self.cfg.init_rank / max(int(keep.sum()), 1)
-                        refold_magnitudes_(layer, keep, s0, self.cfg.init_rank)
+                        refold_magnitudes_(layer, keep, self.refolded_s(int(keep.sum())), self.cfg.init_rank)
             x_now = self.s_vector().to(device=fw_state.x.device, dtype=fw_state.x.dtype)
         x_new = torch.where(force.to(fw_state.x.device), floor, x_now)
         fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
         state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
         return force
+
+    def refolded_s(self, kept: int) -> float:
+        """The s that ``refold_magnitudes`` gives each of a layer's ``kept`` survivors: init_s, or
+        ("layer_total") the layer's initial Σs = r0·init_s shared among them."""
+        s0 = float(self.cfg.init_s)
+        if self.cfg.refold_magnitudes == "layer_total":
+            s0 *= self.cfg.init_rank / max(kept, 1)
+        return s0
 
     def singular_key(self, layout: SLayout, unfold: bool = False) -> torch.Tensor:
         """σ(ΔW)/scaling of every adapter (descending per layer; CP adapters with a kernel larger than
@@ -679,28 +681,10 @@ class Trainer:
             raise RuntimeError(f"rank 0 could not write the checkpoint {path!r} (its error is in its log)")
         return path
 
-    def load_checkpoint(self, path: str, loaded=None) -> TrainState:
-        """The state saved at ``path`` (``loaded``: its ``ckpt.load`` result, if already read), after
-        checking it against this model and data (:func:`debora.train.resume.check_state`)."""
-        tensors, meta = loaded if loaded is not None else ckpt.load(path)
-        resume_checks.check_state(meta, tensors, path, upper=list(debora.upper_parameters(self.model)),
-                                  lower=list(debora.lower_parameters(self.model)),
-                                  split_sizes={"d1": len(self.d1), "d2": len(self.d2),
-                                               "d2_est": len(self.d2)},
-                                  label_names=self.label_names)
-        layout = SLayout.from_state(meta["layout"])
-        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,
-                                         where=f"{path}/state.json fw_layout")
-        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
-        resume_checks.check_fw(fw_fields, S, layout, tensors["model"], path)
-        # adapters back to the saved ranks, then the saved values
-        layers = debora.adapter_layers(self.model)
-        for name, r in meta["ranks"].items():
-            if name not in layers:
-                raise ValueError(f"checkpoint {path!r} has an adapter {name!r} that this model lacks; "
-                                 "resume with the same model and target modules")
-            if layers[name].rank != r:
-                layers[name].empty_(int(r))
+    def _restore_folds(self, meta, tensors, layers, path: str) -> None:
+        """The checkpoint's folds onto this freshly injected model: layers an SVD cut unfolded
+        (``meta["unfolded"]``) are unfolded, layers it refolded get their saved ΔW0 factors and base
+        weight (the optional tensor group ``folded``); the others keep the seed's fold."""
         unfolded = meta.get("unfolded", [])
         if not isinstance(unfolded, list) or not all(isinstance(n, str) and n in layers for n in unfolded):
             raise ValueError(f"checkpoint {path!r} has unfolded={unfolded!r}: it must list adapter layers "
@@ -732,6 +716,30 @@ class Trainer:
             layer.refold_({b: folded[f"{name}.{b}0"].to(ref) for b in layer.basis_names},
                           weight=folded[f"{name}.base_weight"].to(ref))
             layer.refolded = True
+
+    def load_checkpoint(self, path: str, loaded=None) -> TrainState:
+        """The state saved at ``path`` (``loaded``: its ``ckpt.load`` result, if already read), after
+        checking it against this model and data (:func:`debora.train.resume.check_state`)."""
+        tensors, meta = loaded if loaded is not None else ckpt.load(path)
+        resume_checks.check_state(meta, tensors, path, upper=list(debora.upper_parameters(self.model)),
+                                  lower=list(debora.lower_parameters(self.model)),
+                                  split_sizes={"d1": len(self.d1), "d2": len(self.d2),
+                                               "d2_est": len(self.d2)},
+                                  label_names=self.label_names)
+        layout = SLayout.from_state(meta["layout"])
+        fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,
+                                         where=f"{path}/state.json fw_layout")
+        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
+        resume_checks.check_fw(fw_fields, S, layout, tensors["model"], path)
+        # adapters back to the saved ranks, then the saved values
+        layers = debora.adapter_layers(self.model)
+        for name, r in meta["ranks"].items():
+            if name not in layers:
+                raise ValueError(f"checkpoint {path!r} has an adapter {name!r} that this model lacks; "
+                                 "resume with the same model and target modules")
+            if layers[name].rank != r:
+                layers[name].empty_(int(r))
+        self._restore_folds(meta, tensors, layers, path)
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for k, v in tensors["model"].items():
