@@ -30,8 +30,8 @@ resumes), a markdown table (``--out``), and one PNG per task of held-out accurac
 trainable parameters (mean ± std over seeds) with each method's front (``--plot-dir``).
 
 Verdicts against issue 9's criteria (LoRA r=8's accuracy within its seed std at ≤ ⅓ of its adapter
-parameters; dominance of the LoRA/AdaLoRA points; ≥ AdaLoRA at the closest size; wall time over LoRA
-r=8's) are printed first with every method at its tuned lr (the lr its tuning records chose on this
+parameters; dominance of the LoRA/AdaLoRA points; ≥ AdaLoRA, read off dEBORA's front at AdaLoRA's size:
+its most accurate point with no more parameters; wall time over LoRA r=8's) are printed first with every method at its tuned lr (the lr its tuning records chose on this
 task, else on the task it was tuned on; a variant such as ``--debora-label "svd-cut, s held"`` is tuned
 apart), then at every lr that LoRA r=8 and dEBORA share, as a secondary view.
 """
@@ -459,6 +459,17 @@ def _mean(rs, field):
     return statistics.mean(r[field] for r in rs)
 
 
+def front_at(deb, params):
+    """dEBORA's front at a rival's size: ``((method, setting), records)`` of the most accurate dEBORA
+    group with no more mean trainable parameters than ``params``, and how it was picked; if every
+    dEBORA group is larger, the one nearest in size ("nearest size, larger")."""
+    within = {k: v for k, v in deb.items() if _mean(v, "params") <= params}
+    if within:
+        return max(within.items(), key=lambda kv: (_mean(kv[1], "acc"), -_mean(kv[1], "params"))), \
+            "best with no more params"
+    return min(deb.items(), key=lambda kv: abs(_mean(kv[1], "params") - params)), "nearest size, larger"
+
+
 def _verdict_lines(g, task, where):
     """The issue's criteria on one set of groups (every group at one lr)."""
     lora8 = g.get(("lora-r8", "r=8"))
@@ -490,10 +501,10 @@ def _verdict_lines(g, task, where):
                f"no more parameters and no lower mean accuracy" + (f" ({', '.join(beaten)})" if beaten else ""))
     for (_, setting), rs in sorted({k: v for k, v in rivals.items() if k[0] == "adalora"}.items()):
         ap, aa = _mean(rs, "params"), _mean(rs, "acc")
-        (ds, drs) = min(deb.items(), key=lambda kv: abs(_mean(kv[1], "params") - ap))
+        (ds, drs), how = front_at(deb, ap)
         dp, da = _mean(drs, "params"), _mean(drs, "acc")
         out.append(f"  - vs AdaLoRA {setting} ({100 * aa:.2f}% at {ap:,.0f} params): dEBORA {ds[1]} "
-                   f"{100 * da:.2f}% at {dp:,.0f} ({dp / ap:.2f}×) → {'≥' if da >= aa else '<'} AdaLoRA")
+                   f"{100 * da:.2f}% at {dp:,.0f} ({dp / ap:.2f}×, {how}) → {'≥' if da >= aa else '<'} AdaLoRA")
     w8 = _mean(lora8, "wall")
     walls = ", ".join(f"{s} {_mean(rs, 'wall') / w8:.2f}×" for (_, s), rs in sorted(deb.items()))
     out.append(f"  - wall time / LoRA r=8's ({w8:.0f} s; runs on a shared 2-core machine): {walls}")

@@ -252,6 +252,7 @@ def from_pretrained(base_model: nn.Module, path: str) -> nn.Module:
                 getattr(layer, b).copy_(tensors[f"{name}.{b}"].to(ref))
         if info["folded"]:
             layer.fold_init_({b: tensors[f"{name}.{b}0"].to(ref) for b in layer.basis_names})
+            layer.refolded = True    # its ΔW0 comes from the file, not from an injection's seed
         _set_module(base_model, name, layer)
     for mname in meta["modules_to_save"]:
         mod = base_model.get_submodule(mname)

@@ -593,6 +593,8 @@ def test_refolded_magnitudes_leave_the_model_unchanged_and_round_trip(tmp_path, 
     loaded = debora.from_pretrained(make(), str(tmp_path / "ad"))
     with torch.no_grad():
         torch.testing.assert_close(run(loaded), before, rtol=0, atol=1e-12)
+    # a loaded fold is not the injection's: a trainer that checkpoints it must save its factors
+    assert all(l.folded and l.refolded for l in debora.adapter_layers(loaded).values())
 
 
 def test_svd_allocation_and_refold_validation():
