@@ -78,7 +78,8 @@ def run_debora(spec) -> dict:
     from debora.train.batchnorm import batchnorm_layers
     overrides = _task_config(spec, epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
                              output_dir=spec["output_dir"], progress=False, plots=False, eval_every=0,
-                             threads=spec.get("threads"), device=spec["device"], overwrite=True)
+                             threads=spec.get("threads"), device=spec["device"], overwrite=True,
+                             lr_schedule=spec.get("lr_schedule", "constant"), warmup=spec.get("warmup", 0.0))
     overrides["recalibrate_bn"] = spec.get("recalibrate_bn", True)
     overrides.update(spec.get("debora", {}))
     overrides.update(spec.get("setting_overrides", {}))
@@ -131,6 +132,7 @@ def run_peft(spec, on_trained=None) -> dict:
     from debora.train.models import default_modules_to_save, default_targets, load_image_model, \
         load_text_model
     from debora.train.batchnorm import batchnorm_layers, recalibrate_batchnorm
+    from debora.train.lr_schedule import lr_factor
     from debora.train.run import resolve_device
     from debora.train.split import Sampler, make_splits
 
@@ -224,6 +226,9 @@ def run_peft(spec, on_trained=None) -> dict:
     acc_start = evaluate()
     model.train()
     for step in range(total):
+        for group in opt.param_groups:      # the same schedule as dEBORA's lower level (lr_schedule.py)
+            group["lr"] = spec["lr"] * lr_factor(spec.get("lr_schedule", "constant"), step, total,
+                                                 spec.get("warmup", 0.0))
         b = batch_of(pool, sampler.next())
         if task == "text":
             out = model(**b)        # labels in the batch: AdaLoRA adds its orthogonality regulariser
@@ -276,7 +281,13 @@ def settings_of(method: str, args):
 
 def _key(rec):
     return (rec["task"], rec["method"], rec["setting"], rec["seed"], rec.get("phase", "report"),
-            float(rec["lr"]), bool(rec.get("recalibrate_bn", True)))
+            float(rec["lr"]), bool(rec.get("recalibrate_bn", True)), schedule_of(rec))
+
+
+def schedule_of(rec) -> str:
+    """A record's lr schedule, e.g. "constant" (records from before the option) or "linear, warmup 0.1"."""
+    name, warm = rec.get("lr_schedule", "constant"), float(rec.get("warmup", 0.0))
+    return name + (f", warmup {warm:g}" if warm else "")
 
 
 def _load(paths):
@@ -315,7 +326,8 @@ def _run(spec, records, path, written):
     res = json.loads(line[-1][len("RESULT "):])
     rec = {"task": spec["task"], "method": spec["method"], "setting": spec["setting"], "seed": spec["seed"],
            "phase": spec.get("phase", "report"), "lr": spec["lr"], "examples": spec["examples"],
-           "epochs": spec["epochs"], "recalibrate_bn": spec.get("recalibrate_bn", True), **res}
+           "epochs": spec["epochs"], "recalibrate_bn": spec.get("recalibrate_bn", True),
+           "lr_schedule": spec.get("lr_schedule", "constant"), "warmup": spec.get("warmup", 0.0), **res}
     records.append(rec)
     written.append(rec)
     if path:
@@ -561,6 +573,11 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="one lr for every method (skips the tuning)")
     ap.add_argument("--lr-grid", default="5e-4,1e-3,3e-3", help="lrs tried per method on the tuning split")
     ap.add_argument("--tune-seed", type=int, default=100)
+    ap.add_argument("--lr-schedule", default="constant", choices=("constant", "linear", "cosine"),
+                    help="every method's lr schedule (debora.train.lr_schedule): the lr decays to 0 over "
+                         "the run; records keep it, and a report shows only the records of this schedule")
+    ap.add_argument("--warmup", type=float, default=0.0, help="every method's linear lr warm-up, a "
+                                                               "fraction of the run")
     ap.add_argument("--preset", default="default", help="dEBORA preset")
     ap.add_argument("--debora", default="{}", help="JSON dict of extra dEBORA TrainConfig overrides")
     ap.add_argument("--debora-label", default="",
@@ -596,17 +613,20 @@ def main(argv=None) -> int:
     for p in (json_files[0], args.out):
         os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
     written = _load(json_files[:1])
-    records = _load(json_files)
+    here = schedule_of({"lr_schedule": args.lr_schedule, "warmup": args.warmup})
+    records = [r for r in _load(json_files) if schedule_of(r) == here]   # one schedule per report
     runs_dir = os.path.join(os.path.dirname(os.path.abspath(json_files[0])), "runs")
     base = dict(examples=args.examples, eval_examples=args.eval_examples, epochs=args.epochs,
                 batch_size=args.batch_size, max_length=args.max_length, image_size=args.image_size,
                 text_column=args.text_column, label_column=args.label_column,
                 adalora_init_r=args.adalora_init_r, preset=args.preset, debora=json.loads(args.debora),
-                device=args.device, threads=args.threads, recalibrate_bn=args.recalibrate_bn)
+                device=args.device, threads=args.threads, recalibrate_bn=args.recalibrate_bn,
+                lr_schedule=args.lr_schedule, warmup=args.warmup)
 
     def spec(task, method, setting, seed, lr, phase):
         label, value, overrides = setting
-        out = os.path.join(runs_dir, f"{os.path.basename(task)}-{method}-{label}-{seed}-{phase}-{lr:g}")
+        sched = "" if here == "constant" else "-" + here.replace(", warmup ", "-w")
+        out = os.path.join(runs_dir, f"{os.path.basename(task)}-{method}-{label}-{seed}-{phase}-{lr:g}{sched}")
         return dict(base, task=task, method=method, setting=label, setting_value=value,
                     setting_overrides=overrides, seed=seed, lr=lr, phase=phase, output_dir=out)
 
@@ -651,7 +671,8 @@ def main(argv=None) -> int:
                                 continue      # PEFT's AdaLoRA has no Conv2d support
                             _run(spec(task, method, setting, seed, lrs[family(method)], "report"), records,
                                  json_files[0], written)
-    text = table(records, tasks) + "\n\n" + "\n".join(verdicts(records, tasks)) + "\n"
+    text = (f"lr schedule of every run below: {here}\n\n" + table(records, tasks) + "\n\n"
+            + "\n".join(verdicts(records, tasks)) + "\n")
     plots = plot_fronts(records, tasks, args.plot_dir)
     with open(args.out, "w") as fh:
         fh.write(text)

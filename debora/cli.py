@@ -69,6 +69,9 @@ FLAGS = [
     ("--lr", "lr", float, "lower-level AdamW learning rate"),
     ("--head-lr", "head_lr", float, "learning rate of the head (default: --lr)"),
     ("--weight-decay", "weight_decay", float, "lower-level AdamW weight decay"),
+    ("--lr-schedule", "lr_schedule", str, "constant (default) | linear | cosine: the lr decays to 0 "
+                                          "over the run's lower steps"),
+    ("--warmup", "warmup", float, "linear lr warm-up over this fraction of the lower steps (default 0)"),
     ("--epochs", "epochs", float, "passes of the lower level over D2"),
     ("--max-iterations", "max_iterations", int, "cap on outer iterations"),
     ("--batch-size", "batch_size", int, "mini-batch size (D1 and D2) per process; under torchrun the "

@@ -92,6 +92,9 @@ class TrainConfig:
     lr: float = 5e-4
     weight_decay: float = 1e-3
     head_lr: Optional[float] = None        # None = lr
+    lr_schedule: str = "constant"          # constant | linear | cosine (decay to 0 over the run's
+                                           # lower steps; lr_schedule.py)
+    warmup: float = 0.0                    # linear warm-up over this fraction of the lower steps
     # -- schedule ---------------------------------------------------------------------------------
     epochs: float = 2.0                    # passes of the lower level over D2
     max_iterations: Optional[int] = None   # cap on outer iterations
@@ -179,6 +182,11 @@ class TrainConfig:
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        from .lr_schedule import SCHEDULES
+        choice("lr_schedule", SCHEDULES)
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup (a fraction of the run's lower steps) must be in [0, 1), got "
+                             f"{self.warmup!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if not (0.0 <= self.dropout < 1.0):

@@ -43,6 +43,7 @@ from . import checkpoint as ckpt
 from . import distributed as distmod
 from .batchnorm import recalibrate_batchnorm
 from .budget import scheduled_count, smallest_beyond
+from .lr_schedule import lr_factor
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
@@ -221,6 +222,14 @@ class Trainer:
             groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    def set_lr(self, opt: torch.optim.Optimizer, step: int) -> None:
+        """The lower lr of lower step ``step``: ``lr_factor`` × the configured lr of each group (bases,
+        then the head); a function of the step only, so resume and truncation need no scheduler state."""
+        cfg = self.cfg
+        f = lr_factor(cfg.lr_schedule, step, self.total_iterations * cfg.inner_steps, cfg.warmup)
+        for group, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr or cfg.lr)):
+            group["lr"] = base * f
+
     def make_fw(self, layout: SLayout):
         if self._fw_solver is not None:
             return self._fw_solver
@@ -272,7 +281,8 @@ class Trainer:
         net = self.ddp if self.ddp is not None else model
         nan_here = (self._test_nan is not None and self.dist is not None
                     and self._test_nan == (self.dist.rank, state.iteration))
-        for _ in range(cfg.inner_steps):
+        for k in range(cfg.inner_steps):
+            self.set_lr(opt, state.iteration * cfg.inner_steps + k)
             opt.zero_grad(set_to_none=True)
             total = None
             for j in range(cfg.grad_accum):
