@@ -69,8 +69,8 @@ FLAGS = [
     ("--lr", "lr", float, "lower-level AdamW learning rate"),
     ("--head-lr", "head_lr", float, "learning rate of the head (default: --lr)"),
     ("--weight-decay", "weight_decay", float, "lower-level AdamW weight decay"),
-    ("--lr-schedule", "lr_schedule", str, "constant (default) | linear | cosine: the lr decays to 0 "
-                                          "over the run's lower steps"),
+    ("--lr-schedule", "lr_schedule", str, "linear (default) | cosine | constant: the lr decays to 0 "
+                                          "over the run's lower steps (constant: no decay)"),
     ("--warmup", "warmup", float, "linear lr warm-up over this fraction of the lower steps (default 0)"),
     ("--epochs", "epochs", float, "passes of the lower level over D2"),
     ("--max-iterations", "max_iterations", int, "cap on outer iterations"),

@@ -228,7 +228,8 @@ def test_resume_in_the_default_regime_reproduces_the_run(tmp_path):
     from debora.train.metrics import read_metrics
     kw = dict(epochs=2.0, max_iterations=12, basis="oblique", init_s=0.01, tau=1.0, target_rank=2.0,
               split="same", estimator="first-order", fw_step="constant", fw_step_size=0.05,
-              budget="per_layer", truncate_from=0.1, eval_every=0, checkpoint_every=5)
+              budget="per_layer", truncate_from=0.1, eval_every=0, checkpoint_every=5,
+              lr_schedule="linear", warmup=0.1)      # the default's decaying lr, from the checkpoint on
     a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
     assert a.trainer.fused
 

@@ -69,7 +69,10 @@ def tiny_config(tmp_path, **overrides):
                   # the algorithm these tests were written for (the paper's, with the D1/D2 halves);
                   # test_rank_selection.py covers the default regime
                   estimator="debora-closed-form", budget="global", basis="euclidean", split="halves",
-                  fw_step="short", fw_lipschitz=10.0, init_s=None, target_rank=None)
+                  fw_step="short", fw_lipschitz=10.0, init_s=None, target_rank=None,
+                  # ... with its constant lr: a run cut by max_iterations then resumed with a larger one
+                  # is the uninterrupted run only if the lr does not depend on the planned length
+                  lr_schedule="constant")
     values.update(overrides)
     return TrainConfig(**values)
 
