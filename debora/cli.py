@@ -97,7 +97,7 @@ EXAMPLES = """examples:
 
   # images: packaged EfficientNet-Lite0 on Fashion-MNIST with CP conv adapters
   debora train --preset default --dataset fashion-mnist --image-size 32 --max-examples 3000 \\
-      --max-eval-examples 2000 --epochs 2 --lr 1e-3 --output-dir runs/fmnist
+      --max-eval-examples 2000 --epochs 2 --lr 1e-3 --lr-schedule constant --output-dir runs/fmnist
   # ... at a fixed rank 2 with s held at 1 (no rank selection; the best we measured on images)
   debora train --preset fixed-oblique --init-rank 2 --dataset fashion-mnist --image-size 32 \\
       --max-examples 2400 --epochs 3 --lr 1e-3 --output-dir runs/fmnist-fixed
