@@ -11,6 +11,7 @@ import json
 import sys
 
 from debora.train import TrainConfig, train
+from debora.train.resume import ABSENT_MEANS
 
 
 def main(argv):
@@ -19,6 +20,7 @@ def main(argv):
     with open(src + "/config.json") as fh:
         cfg = json.load(fh)
     cfg = cfg.get("config", cfg)
+    cfg = {**ABSENT_MEANS, **cfg}      # a run from before a field existed ran with its old value
     cfg.update(output_dir=out, eval_every=every, overwrite=True, **over)
     fields = TrainConfig.__dataclass_fields__
     res = train(TrainConfig(**{k: v for k, v in cfg.items() if k in fields}))

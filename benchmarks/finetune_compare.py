@@ -52,6 +52,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from debora.train.lr_schedule import SCHEDULES  # noqa: E402  (after the offline settings)
+
 DEFAULT_METHODS = "debora,lora-r1,lora-r2,lora-r4,lora-r8,adalora"
 
 
@@ -225,10 +227,10 @@ def run_peft(spec, on_trained=None) -> dict:
     t0 = time.perf_counter()     # like dEBORA's train_time_s: evaluation at start and end + training
     acc_start = evaluate()
     model.train()
+    schedule, warmup = spec.get("lr_schedule", "constant"), spec.get("warmup", 0.0)
     for step in range(total):
         for group in opt.param_groups:      # the same schedule as dEBORA's lower level (lr_schedule.py)
-            group["lr"] = spec["lr"] * lr_factor(spec.get("lr_schedule", "constant"), step, total,
-                                                 spec.get("warmup", 0.0))
+            group["lr"] = spec["lr"] * lr_factor(schedule, step, total, warmup)
         b = batch_of(pool, sampler.next())
         if task == "text":
             out = model(**b)        # labels in the batch: AdaLoRA adds its orthogonality regulariser
@@ -573,7 +575,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=None, help="one lr for every method (skips the tuning)")
     ap.add_argument("--lr-grid", default="5e-4,1e-3,3e-3", help="lrs tried per method on the tuning split")
     ap.add_argument("--tune-seed", type=int, default=100)
-    ap.add_argument("--lr-schedule", default="constant", choices=("constant", "linear", "cosine"),
+    ap.add_argument("--lr-schedule", default="constant", choices=SCHEDULES,
                     help="every method's lr schedule (debora.train.lr_schedule): the lr decays to 0 over "
                          "the run; records keep it, and a report shows only the records of this schedule")
     ap.add_argument("--warmup", type=float, default=0.0, help="every method's linear lr warm-up, a "

@@ -63,6 +63,12 @@ def test_check_config_allows_only_resumable_fields():
     assert {"epochs", "max_iterations"} <= RESUMABLE and not {"tau", "seed", "budget", "lr"} & RESUMABLE
     with pytest.raises(ValueError, match="fields this version does not know"):
         check_config(dict(saved, surprise=1), base, "ck")
+    # a checkpoint from before the lr schedule existed ran at a constant lr, whatever today's default
+    old = {k: v for k, v in saved.items() if k not in ("lr_schedule", "warmup")}
+    assert base.lr_schedule == "linear"
+    with pytest.raises(ValueError, match="lr_schedule: checkpoint 'constant', now 'linear'"):
+        check_config(old, base, "ck")
+    assert check_config(old, base.replace(lr_schedule="constant"), "ck") == []
     with pytest.raises(ValueError, match="must be an object"):
         check_config(None, base, "ck")
 

@@ -27,6 +27,15 @@ RESUMABLE = frozenset({
     "device", "threads", "bf16", "preset", "allow_many_classes",
 })
 
+# fields added after checkpoints were first written, with the value a checkpoint that lacks them ran
+# with (not the current default: the lr schedule's default became "linear" after "constant" runs)
+ABSENT_MEANS = {"lr_schedule": "constant", "warmup": 0.0}
+
+
+def saved_value(saved: Dict[str, Any], name: str, default: Any) -> Any:
+    """The value of config field ``name`` in a saved config (a checkpoint's or a run's config.json)."""
+    return saved[name] if name in saved else ABSENT_MEANS.get(name, default)
+
 
 def _norm(v: Any) -> Any:
     if isinstance(v, tuple):
@@ -78,7 +87,7 @@ def check_config(saved: Any, cfg, where: str, world_changed: bool = False) -> Li
                          f"{unknown}; resume with the debora version that wrote it")
     refused, allowed = [], []
     for name in current:
-        old = _norm(saved.get(name, defaults[name]))
+        old = _norm(saved_value(saved, name, defaults[name]))
         new = _norm(current[name])
         if old == new or (isinstance(old, (int, float)) and isinstance(new, (int, float))
                           and not isinstance(old, bool) and not isinstance(new, bool) and old == new):
