@@ -62,6 +62,8 @@ FLAGS = [
     ("--fw-step", "fw_step", str, "short | armijo | open-loop | constant"),
     ("--fw-lipschitz", "fw_lipschitz", float, "M of the short step"),
     ("--fw-step-size", "fw_step_size", float, "step of --fw-step constant"),
+    ("--fw-step-schedule", "fw_step_schedule", str, "constant | lr: the constant FW step as is, or scaled "
+                                                    "by the lower lr's schedule factor"),
     ("--gap-tol", "gap_tol", float, "p̃: stop updating s once the FW gap is below it"),
     ("--gap-patience", "gap_patience", int, "consecutive FW gaps <= p̃ before s is frozen"),
     ("--truncate-from", "truncate_from", lambda v: int(v) if float(v).is_integer() else float(v),

@@ -62,3 +62,42 @@ def test_trainer_steps_with_the_scheduled_lr(tmp_path, monkeypatch):
     for t, lrs in enumerate(seen):
         f = lr_factor("linear", t, total, 0.2)
         assert lrs == pytest.approx([1e-2 * f, 3e-2 * f], rel=1e-12, abs=1e-15)
+
+
+def test_fw_step_follows_the_lr_schedule(tmp_path, monkeypatch):
+    """fw_step_schedule="lr": the constant FW step at iteration n is fw_step_size × the lr factor of
+    iteration n's last lower step (warm-up included); "constant" keeps fw_step_size at every step."""
+    from bilevel.frank_wolfe.solvers import _FrankWolfe
+    from debora.train import train
+    from test_train_tiny import tiny_config
+
+    gammas = []
+    step = _FrankWolfe.step
+
+    def record(self, *a, **k):
+        gammas.append(self.rule.gamma)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(_FrankWolfe, "step", record)
+    torch.set_num_threads(1)
+    base = {k: v for k, v in vars(tiny_config(tmp_path)).items()
+            if k in ("model", "dataset", "text_column", "label_column", "max_length", "device", "seed")}
+    for schedule in ("lr", "constant"):
+        gammas.clear()
+        cfg = TrainConfig.from_preset("default", **base, output_dir=str(tmp_path / schedule), init_rank=4,
+                                      target_rank=2, epochs=2.0, batch_size=32, inner_steps=2,
+                                      lr_schedule="linear", warmup=0.2, fw_step_size=0.05,
+                                      fw_step_schedule=schedule, eval_every=0, progress=False, plots=False)
+        res = train(cfg)
+        n_it = res.summary["iterations"]
+        assert len(gammas) == n_it > 3
+        for n, gamma in enumerate(gammas):
+            want = 0.05 * lr_factor("linear", (n + 1) * 2 - 1, n_it * 2, 0.2) if schedule == "lr" else 0.05
+            assert gamma == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_fw_step_schedule_needs_the_constant_step():
+    with pytest.raises(ValueError, match="fw_step_schedule='lr'.*fw_step='constant'"):
+        TrainConfig(fw_step="short", fw_step_schedule="lr")
+    with pytest.raises(ValueError, match="fw_step_schedule='cubic' is not one of"):
+        TrainConfig(fw_step_schedule="cubic")

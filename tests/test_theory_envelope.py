@@ -179,3 +179,35 @@ def test_regime_checks_run_on_a_small_toy():
     lower = next(r for r in by_check[regime.NAME_ENV] if r["quantity"].startswith("B*(s0)"))
     assert lower["verdict"] == "holds" and 0.0 <= lower["data"]["coherence"]["layer"] <= 1.0 + 1e-12
     assert len(by_check[regime.NAME_ID]) == 2
+
+
+def test_regime_run_follows_the_trainers_lr_and_fw_step_schedules(monkeypatch):
+    """fw_run models the trainer's loop: each lower Adam step at lr × lr_factor of that step (the
+    default's lr_schedule), and with fw_step_schedule="lr" the FW step γ × the iteration's factor."""
+    from debora.train.lr_schedule import lr_factor
+    from theory_checks.study import Study, StudyConfig
+    ap = make_toy("matrix", "oblique", rank=3, n=64, split="same", s0=0.01, scaling=4.0, tau=1.0,
+                  weight_decay=1e-3, name="toy-schedule")
+    st = Study(ap, StudyConfig(lbfgs_iter=50), log=lambda *a: None)
+    lrs, gammas = [], []
+    lower = solvers.lower_steps
+
+    def record_lower(*a, lr, **k):
+        lrs.append(lr)
+        return lower(*a, lr=lr, **k)
+
+    step = bilevel.frank_wolfe.AwayStepFW.step
+
+    def record_fw(self, *a, **k):
+        gammas.append(self.rule.gamma)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(solvers, "lower_steps", record_lower)
+    monkeypatch.setattr(bilevel.frank_wolfe.AwayStepFW, "step", record_fw)
+    P = dict(regime.PRESET, lr_schedule="linear", warmup=0.1, fw_step_schedule="lr", T_max=2)
+    monkeypatch.setattr(regime, "PRESET", P)
+    T = 10
+    regime.fw_run(st, T, n_ref=0, budget=False)
+    want = [P["lr"] * lr_factor("linear", t, 2 * T, 0.1) for t in range(2 * T)]
+    assert lrs == pytest.approx(want, rel=1e-12, abs=1e-18)
+    assert gammas == pytest.approx([P["gamma"] * w / P["lr"] for w in want[1::2]], rel=1e-12, abs=1e-18)

@@ -69,7 +69,8 @@ def run_regime(problem: str, device: str = "cpu", quick: bool = False, log: Call
         ap = factory()
         ap.description = ap.description.replace("global budget τ", "per-layer budget τ") + (
             f"; default-preset regime: oblique bases, s0 = init_s = {regime.PRESET['init_s']}, FW γ = "
-            f"{regime.PRESET['gamma']}, T_max = {regime.PRESET['T_max']} (Adam lr {regime.PRESET['lr']}, "
+            f"{regime.PRESET['gamma']} ({regime.PRESET['fw_step_schedule']}), T_max = {regime.PRESET['T_max']} "
+            f"(Adam lr {regime.PRESET['lr']}, {regime.PRESET['lr_schedule']} schedule, "
             f"batch {regime.PRESET['batch']}), target rank {regime.PRESET['target_rank']:g}/adapter")
         log(f"[{ap.name}] {ap.description}")
         st = Study(ap, cfg, log)

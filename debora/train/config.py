@@ -20,6 +20,7 @@ BUDGETS = ("global", "per_layer")
 BASES = ("euclidean", "oblique", "stiefel")
 FW_METHODS = ("away", "vanilla", "pairwise")
 FW_STEPS = ("short", "armijo", "open-loop", "constant")
+FW_STEP_SCHEDULES = ("constant", "lr")
 SPLITS = ("halves", "same")
 TASKS = ("auto", "text", "image")
 
@@ -82,6 +83,9 @@ class TrainConfig:
     fw_lipschitz: Optional[float] = 10.0   # M of the short step; None = estimated (secant)
     fw_step_size: float = 0.05             # constant step (fw_step="constant"); 0 holds s at init_s (no
                                            # Frank-Wolfe steps: the ablation "no upper level")
+    fw_step_schedule: str = "constant"     # fw_step="constant": "constant" keeps γ = fw_step_size; "lr":
+                                           # γ_n = fw_step_size × the lower lr's factor (lr_schedule, warmup)
+                                           # at iteration n's last lower step, so s settles as the lr decays
     gap_tol: float = 0.0                   # p̃
     gap_patience: int = 5                  # s is frozen after this many consecutive FW gaps <= p̃
     truncate_from: Union[int, float] = 0.1  # n0: outer iteration (int), or a fraction of all iterations
@@ -184,6 +188,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         from .lr_schedule import SCHEDULES
         choice("lr_schedule", SCHEDULES)
+        choice("fw_step_schedule", FW_STEP_SCHEDULES)
+        if self.fw_step_schedule != "constant" and self.fw_step != "constant":
+            raise ValueError(f"fw_step_schedule={self.fw_step_schedule!r} scales the constant FW step and needs "
+                             f"fw_step='constant', got fw_step={self.fw_step!r}; use fw_step_schedule='constant'")
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup (a fraction of the run's lower steps) must be in [0, 1), got "
                              f"{self.warmup!r}")

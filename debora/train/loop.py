@@ -222,11 +222,16 @@ class Trainer:
             groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    def lr_factor_at(self, step: int) -> float:
+        """η_t / η at lower step ``step`` (lr_schedule.py) of this run's total_iterations × inner_steps."""
+        cfg = self.cfg
+        return lr_factor(cfg.lr_schedule, step, self.total_iterations * cfg.inner_steps, cfg.warmup)
+
     def set_lr(self, opt: torch.optim.Optimizer, step: int) -> None:
         """The lower lr of lower step ``step``: ``lr_factor`` × the configured lr of each group (bases,
         then the head); a function of the step only, so resume and truncation need no scheduler state."""
         cfg = self.cfg
-        f = lr_factor(cfg.lr_schedule, step, self.total_iterations * cfg.inner_steps, cfg.warmup)
+        f = self.lr_factor_at(step)
         for group, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr or cfg.lr)):
             group["lr"] = base * f
 
@@ -382,6 +387,11 @@ class Trainer:
             self._nonfinite(state, f"hypergradient has NaN/Inf at iteration {state.iteration}")
             return None
         fw_solver = self.make_fw(state.layout)
+        if self.cfg.fw_step_schedule == "lr":
+            # γ_n = γ × the lr factor at this iteration's last lower step: s settles as the lr decays
+            # (Constant holds no state, so setting γ is all; γ_n = 0 at a warm-up's first step: no move)
+            fw_solver.rule.gamma = self.cfg.fw_step_size * self.lr_factor_at(
+                (state.iteration + 1) * self.cfg.inner_steps - 1)
         gvec = state.layout.flatten(g).to(state.fw_state.x.dtype)
         s_new, fw_state, info = fw_solver.step(gvec, state.fw_state, objective=objective)
         state.last_gap = info.gap

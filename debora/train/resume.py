@@ -29,7 +29,7 @@ RESUMABLE = frozenset({
 
 # fields added after checkpoints were first written, with the value a checkpoint that lacks them ran
 # with (not the current default: the lr schedule's default became "linear" after "constant" runs)
-ABSENT_MEANS = {"lr_schedule": "constant", "warmup": 0.0}
+ABSENT_MEANS = {"lr_schedule": "constant", "warmup": 0.0, "fw_step_schedule": "constant"}
 
 
 def saved_value(saved: Dict[str, Any], name: str, default: Any) -> Any:

@@ -4,7 +4,8 @@ oblique bases (unit-norm columns, s carries each component's magnitude), s start
 (``init_s`` = ε + τ/(10(r0+1)) ≈ 0.012, ε = 1e-3), τ = 1 per layer (a product of floored simplices),
 scaling α/r0 = 32/8, D1 = D2 (``split="same"``: the upper and lower losses are the same training
 loss), the ``first-order`` estimator g = ∂_s f, away-step Frank-Wolfe with the constant step γ = 0.05,
-T_max = 1 lower step (Adam, lr 5e-4, batch 32) per outer iteration, and a count budget: from n0 = 10 %
+T_max = 1 lower step (Adam, lr 5e-4 decayed by the trainer's ``lr_schedule``, batch 32; with
+``fw_step_schedule="lr"`` γ follows the same factor) per outer iteration, and a count budget: from n0 = 10 %
 of the run, the live components beyond k(n) (``debora.train.budget``: cubic from R0 to R* = 2 per
 adapter between 30 % and 90 % of the run) with the smallest s are moved to the floor and leave.
 :data:`PRESET` is read from ``TrainConfig``'s defaults (:func:`default_preset`), not copied.
@@ -35,6 +36,7 @@ import torch
 import bilevel
 from bilevel import pytree as pt
 from debora.train.budget import scheduled_count, smallest_beyond
+from debora.train.lr_schedule import lr_factor
 
 from .. import constants as C
 from .. import criteria as CR
@@ -60,6 +62,7 @@ def default_preset() -> Dict[str, object]:
     init_s = d.init_s if d.init_s is not None else d.eps + d.tau / (10 * (d.init_rank + 1))
     return dict(basis=d.basis, init_s=init_s, eps=d.eps, tau=d.tau, alpha=d.alpha, init_rank=d.init_rank,
                 weight_decay=d.weight_decay, gamma=d.fw_step_size, T_max=d.inner_steps, lr=d.lr,
+                lr_schedule=d.lr_schedule, warmup=d.warmup, fw_step_schedule=d.fw_step_schedule,
                 batch=d.batch_size, target_rank=d.target_rank, prune_start=d.prune_start,
                 prune_end=d.prune_end, truncate_from=d.truncate_from)
 
@@ -249,7 +252,14 @@ def fw_run(st: Study, T: int, n_ref: int, budget: bool, seed: int = 0) -> dict:
     slices = blocks_slices(ap)
     ref_at = set(int(v) for v in torch.linspace(0, T - 1, n_ref).round().tolist())
     hist = {"s": [], "gap_est": [], "ref": [], "alive": []}
+    steps_total = T * P["T_max"]
     for n in range(T):
+        # the trainer's lower lr schedule (lr_factor of each lower step) and, with fw_step_schedule="lr",
+        # its FW step γ × the factor of the iteration's last lower step (debora/train/loop.py)
+        lr_n = [P["lr"] * lr_factor(P["lr_schedule"], n * P["T_max"] + t, steps_total, P["warmup"])
+                for t in range(P["T_max"])]
+        if P["fw_step_schedule"] == "lr":
+            opt.rule.gamma = P["gamma"] * lr_n[-1] / P["lr"]
         batch = next(stream)
         g = first_order(ap, s, y, batch)
         if n in ref_at:
@@ -258,7 +268,8 @@ def fw_run(st: Study, T: int, n_ref: int, budget: bool, seed: int = 0) -> dict:
             dist = float(pt.norm(pt.sub(ap.retracted(y), ref["y"]))) / max(float(pt.norm(ref["y"])), 1e-300)
             hist["ref"].append({"n": n, "s": s.clone(), "grad": ref["grad"], "y": y, "fo_full": fo_full,
                                 "fo_batch": g, "dist": dist, "gap": st.gap_blocks(ref["grad"], s)})
-        y, lstate = solvers.lower_steps(ap, {"s": s}, y, P["T_max"], iter([batch]), lr=P["lr"], state=lstate)
+        for lr_t in lr_n:       # Adam's moments carry over; only the step size follows the schedule
+            y, lstate = solvers.lower_steps(ap, {"s": s}, y, 1, iter([batch]), lr=lr_t, state=lstate)
         g = torch.where(alive, g, g[alive].abs().max() + 1.0)     # removed: never the FW vertex
         s, state, info = opt.step(g.to(s.dtype), state)
         if budget and n >= n0:
