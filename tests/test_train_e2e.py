@@ -41,8 +41,13 @@ def base_run(tmp_path_factory):
 
     # first-order, not the paper's closed form: with Euclidean bases the closed form is −∂_s f1 and
     # ascends F (README); with transformers 5.x this tiny run learns (0.69 → 0.38 at iteration 40) and
-    # then collapses to 0.71 at the end under it, so "the loss falls" would test that finding instead
-    cfg = tiny_config(tmp, plots=True, export_peft=False, eval_every=4, estimator="first-order")
+    # then collapses to 0.71 at the end under it, so "the loss falls" would test that finding instead.
+    # The lr decays linearly: at tiny_config's constant lr 3e-2 this seed reaches an eval loss of 0.51
+    # at iteration 44 and ends at 0.69 after a spike to 1.12 at 52 (transformers 5.24, torch 2.13): the
+    # end-of-run check then measured that instability. With the linear decay the default trains with
+    # now, the same seed ends at 0.49 (eval loss at iteration 0: 0.693)
+    cfg = tiny_config(tmp, plots=True, export_peft=False, eval_every=4, estimator="first-order",
+                      lr_schedule="linear")
     res = train(cfg, callback=cb)
     return cfg, res, seen
 
