@@ -37,7 +37,7 @@ import torch
 
 from . import linear_solvers as ls
 from . import pytree as pt
-from .problem import no_autocast
+from .problem import second_order_mode
 
 TreeLike = Union[torch.Tensor, Mapping[str, torch.Tensor]]
 
@@ -125,7 +125,7 @@ class _ImplicitRoot(torch.autograd.Function):
         flat_args = ctx.saved_tensors
         keys = list(meta.y)
         ybar = {k: (g if g is not None else torch.zeros_like(meta.y[k])) for k, g in zip(keys, grad_outs)}
-        with torch.enable_grad(), no_autocast():
+        with torch.enable_grad(), second_order_mode():
             y_req = {k: v.detach().requires_grad_(True) for k, v in meta.y.items()}
             a_req = [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_args]
             args = list(meta.args)

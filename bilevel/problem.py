@@ -20,6 +20,11 @@ Mixed precision: the products are evaluated with autocast *disabled*, in the dty
 parameters stay float32), so ``∂²_yy g`` stays symmetric to working precision and CG can meet its
 tolerance; the losses the caller evaluates elsewhere (lower steps, the upper gradient) stay under the
 caller's autocast.
+
+Attention: inside the products, ``scaled_dot_product_attention`` runs on its math backend
+(:func:`second_order_mode`). Its fused kernels (flash, memory-efficient, cuDNN) have neither a
+derivative of their backward nor a forward-mode rule, so a Hessian-vector product through a
+Hugging Face model's SDPA attention fails on them; the math backend is plain matmul + softmax.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from typing import Any, Callable, Mapping, Optional, Tuple
 
 import torch
 from torch.func import grad, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import pytree as pt
 from .pytree import Tree
@@ -50,6 +56,23 @@ def no_autocast():
     with ExitStack() as stack:
         for d in devices:
             stack.enter_context(torch.autocast(device_type=d, enabled=False))
+        yield
+
+
+def math_attention():
+    """``torch.nn.functional.scaled_dot_product_attention`` restricted to its math backend inside the
+    block: the only backend whose backward is itself differentiable (double backward) and that has
+    forward-mode rules. Without it a HVP through an SDPA attention (a Hugging Face model's default)
+    fails with "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented" (or its CUDA kernels' equivalent)."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+@contextmanager
+def second_order_mode():
+    """The region where second-order products are formed: :func:`no_autocast` and
+    :func:`math_attention`."""
+    with no_autocast(), math_attention():
         yield
 
 
@@ -254,7 +277,7 @@ class LowerOperators:
 
     def _jvp_y(self, fn, v: Tree) -> Tree:
         """``d/dε fn(y + ε v)`` at ε = 0 (forward mode; ``v``'s keys matched to y's by name)."""
-        with no_autocast():
+        with second_order_mode():
             return jvp(fn, (self.y,), (pt.reorder(v, self.y),))[1]
 
     def _build_graph(self) -> Tuple[Tree, Tree, list]:
@@ -262,7 +285,7 @@ class LowerOperators:
         if self._graph is None:
             x_req = {k: t.detach().requires_grad_(True) for k, t in self.x.items()}
             y_req = {k: t.detach().requires_grad_(True) for k, t in self.y.items()}
-            with torch.enable_grad(), no_autocast():
+            with torch.enable_grad(), second_order_mode():
                 gy = torch.autograd.grad(self.problem.g(x_req, y_req, self.batch),
                                          list(y_req.values()), create_graph=True)
             self._graph = (x_req, y_req, list(gy))
@@ -331,7 +354,7 @@ class LowerOperators:
         m = next(iter(V.values())).shape[0]
         if self._effective_mode() == "forward-over-reverse":
             V = pt.reorder(V, self.y)
-            with no_autocast():
+            with second_order_mode():
                 out = torch.func.vmap(lambda v: jvp(lambda y_: self._grad_y(self.x, y_), (self.y,), (v,))[1])(V)
         else:
             _, y_req, gy = self._build_graph()

@@ -3,8 +3,9 @@ scenarios in one launch (process start-up is the slow part on a 2-core machine).
 
     torchrun --nproc_per_node=2 tests/dist_worker.py BASE_DIR
 
-``BASE_DIR`` holds ``tiny_bert/``, ``tiny_bert_eager/`` (eager attention: second-order estimators
-need double backward, which CPU SDPA lacks) and ``data.csv`` (made by the test beforehand). Each rank writes
+``BASE_DIR`` holds ``tiny_bert/`` (SDPA attention, transformers' default: the second-order estimators'
+products run it on the math backend, bilevel.problem.second_order_mode) and ``data.csv`` (made by the
+test beforehand). Each rank writes
 ``BASE_DIR/worker_rank{r}.json`` with what it checked; the test asserts on those files and on the
 output directories (``BASE_DIR/<scenario>``).
 """
@@ -36,11 +37,6 @@ CG = dict(DEFAULT, estimator="cg", split="halves", fused_first_order=False,
 SNEUMANN = dict(DEFAULT, estimator="stochastic-neumann", fused_first_order=False,
                 estimator_options={"terms": 3, "eta": 0.05, "mode": "ghadimi-wang"})
 RESUME = {"first-order": DEFAULT, "cg": CG, "stochastic-neumann": SNEUMANN}
-
-
-def eager(tmp, over):
-    """Second-order estimators: the tiny BERT with eager attention."""
-    return dict(over, model=str(tmp / "tiny_bert_eager")) if over["estimator"] != "first-order" else over
 
 
 class Stop(Exception):
@@ -97,11 +93,11 @@ def main(base: str) -> None:
         report["default_world_size"] = res.trainer.world_size
         report["default_removed"] = res.summary["rank_start"] - res.summary["rank_end"]
         # 2. an implicit estimator (CG, warm start) with D1/D2 halves
-        train(tiny_config(tmp, output_dir=str(tmp / "ddp_cg"), **eager(tmp, CG)))
+        train(tiny_config(tmp, output_dir=str(tmp / "ddp_cg"), **CG))
         # 3. interrupted and resumed runs of three estimators, against uninterrupted ones
         for name, over in RESUME.items():
             full = tiny_config(tmp, output_dir=str(tmp / f"full_{name}"), checkpoint_every=2,
-                               max_iterations=8, **eager(tmp, over))
+                               max_iterations=8, **over)
             a = train(full)
 
             def stop(trainer, state, extra):

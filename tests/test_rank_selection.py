@@ -114,11 +114,11 @@ def test_components_without_signal_reach_the_floor_and_are_truncated(tmp_path, t
 # -- rank 0 under a global budget ---------------------------------------------------------------------
 def _tiny_bert(dropout=0.0):
     torch.manual_seed(0)
-    # eager attention: CPU SDPA has no forward-mode AD rule, and cg below uses jvp-based products
+    # SDPA attention (the default): cg's products run it on the math backend (second_order_mode)
     return BertForSequenceClassification(BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=32, num_labels=2, hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout, attn_implementation="eager"))
+        attention_probs_dropout_prob=dropout))
 
 
 def _batch(seed=0):

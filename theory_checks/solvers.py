@@ -21,6 +21,7 @@ from torch.func import grad
 import bilevel
 from bilevel import linear_solvers as ls
 from bilevel import pytree as pt
+from bilevel.problem import math_attention
 
 from .problems.base import AdapterProblem
 
@@ -43,7 +44,8 @@ def dense_lower_hessian(ap: AdapterProblem, x, y, batch) -> torch.Tensor:
         return ap.lower_loss(xd, pt.unflatten(v, like), batch)
 
     try:
-        H = torch.func.hessian(g_flat)(pt.flatten(like))
+        with math_attention():          # SDPA's fused kernels have no forward-mode rules
+            H = torch.func.hessian(g_flat)(pt.flatten(like))
     except Exception:  # ops without forward-mode / batching rules
         ops = ap.problem.operators(x, y, batch)
         H = ls.dense_matrix(ops.hvp, like)

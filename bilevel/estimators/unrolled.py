@@ -24,7 +24,7 @@ import torch
 import torchopt
 
 from .. import _checks as _c
-from ..problem import BilevelProblem
+from ..problem import BilevelProblem, math_attention
 from ..pytree import Tree
 from .base import Estimator, EstimatorInfo, check_damping, draw
 
@@ -55,7 +55,7 @@ class Unrolled(Estimator):
 
     def estimate(self, problem: BilevelProblem, x: Tree, y: Tree, upper_batch: Any, lower_batch: Any):
         keys = list(y)
-        with torch.enable_grad():
+        with torch.enable_grad(), math_attention():   # differentiates through gradient steps
             x_req = {k: v.detach().requires_grad_(True) for k, v in x.items()}
             y_t = {k: v.detach().requires_grad_(True) for k, v in y.items()}
             state = self._opt.init(y_t)
