@@ -19,9 +19,9 @@ Fairness: every run of a task and seed uses the same stratified training pool an
 D2, the hypergradient fused into the lower backward pass), so one epoch costs it the same number of
 forward/backward passes as LoRA's (``--preset paper``: halves D1/D2, an extra pass on D1).
 Learning rates: each method's lr comes from the same protocol, ``--lr-grid``: on a tuning split
-(seed ``--tune-seed``: a different random pool and held-out split than the reported seeds) each method
-is run at its middle setting for every lr of the grid on the first task; the best held-out accuracy
-picks the lr used for all of that method's settings, tasks and seeds. ``--lr`` instead fixes one lr
+(seeds ``--tune-seeds``: other random pools and held-out splits than the reported seeds) each method
+is run at its middle setting for every lr of the grid on the first task; the best held-out accuracy,
+averaged over the tuning seeds, picks the lr used for all of that method's settings, tasks and seeds. ``--lr`` instead fixes one lr
 for all.
 
 Output: ``--json`` (a list, one record per finished run: task, method, setting, seed, acc, params,
@@ -430,17 +430,40 @@ def variant(setting: str) -> str:
 
 
 def tuned_lrs(records):
-    """{(task, family, variant): lr} chosen by the tuning records (phase "tune"): the best held-out
-    accuracy, ties to the smaller lr, as the campaign's protocol chooses it."""
-    best = {}
+    """{(task, family, variant): lr} chosen by the tuning records (phase "tune"): the best mean held-out
+    accuracy over the tuning seeds, ties to the smaller lr, as the campaign's protocol chooses it.
+
+    Every lr of a family is scored on the same seeds: those that every lr of its grid has a record for
+    (with one tuning seed this is the single best record). An lr is compared only on those common seeds,
+    so a seed run at some lrs only cannot favour them."""
+    accs = {}
     for r in records:
         if r.get("phase") != "tune":
             continue
         key = (r["task"], family(r["method"]), variant(r["setting"]))
-        cand = (r["acc"], -float(r["lr"]))
-        if key not in best or cand > best[key]:
-            best[key] = cand
-    return {k: -v[1] for k, v in best.items()}
+        accs.setdefault(key, {}).setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
+    picks = {}
+    for key, by_lr in accs.items():
+        common = set.intersection(*(set(seeds) for seeds in by_lr.values()))
+        if not common:
+            continue
+        score = {lr: statistics.mean(seeds[s] for s in common) for lr, seeds in by_lr.items()}
+        picks[key] = max(score, key=lambda lr: (score[lr], -lr))
+    return picks
+
+
+def tuning_scores(records, task, fam, var=""):
+    """{lr: (mean acc, seeds)} of one family's tuning records on ``task``, on the seeds common to its
+    lrs (the numbers ``tuned_lrs`` chose from), for the campaign log and README."""
+    by_lr = {}
+    for r in records:
+        if r.get("phase") == "tune" and r["task"] == task and (family(r["method"]), variant(r["setting"])) == (fam, var):
+            by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
+    if not by_lr:
+        return {}
+    common = sorted(set.intersection(*(set(s) for s in by_lr.values())))
+    return {lr: (statistics.mean(s[k] for k in common) if common else float("nan"), common)
+            for lr, s in sorted(by_lr.items())}
 
 
 def tuned_groups(records, task):
@@ -574,7 +597,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label-column")
     ap.add_argument("--lr", type=float, default=None, help="one lr for every method (skips the tuning)")
     ap.add_argument("--lr-grid", default="5e-4,1e-3,3e-3", help="lrs tried per method on the tuning split")
-    ap.add_argument("--tune-seed", type=int, default=100)
+    ap.add_argument("--tune-seeds", "--tune-seed", dest="tune_seeds", default="100",
+                    help="comma-separated tuning seeds; each lr is scored by its mean held-out accuracy "
+                         "over them (e.g. 100,101,102: the noise of one seed can exceed the lrs' effect)")
     ap.add_argument("--lr-schedule", default="constant", choices=SCHEDULES,
                     help="every method's lr schedule (debora.train.lr_schedule): the lr decays to 0 over "
                          "the run; records keep it, and a report shows only the records of this schedule")
@@ -609,6 +634,7 @@ def main(argv=None) -> int:
     args.taus = [float(v) for v in args.taus.split(",") if v]
     args.init_ranks = [int(v) for v in args.init_ranks.split(",") if v]
     args.adalora_target_rs = [int(v) for v in args.adalora_target_rs.split(",") if v]
+    tune_seeds = [int(v) for v in args.tune_seeds.split(",") if v]
     tasks = [t for t in args.tasks.split(",") if t]
     methods = [m for m in args.methods.split(",") if m]
     json_files = [p for p in args.json.split(",") if p]
@@ -649,19 +675,23 @@ def main(argv=None) -> int:
             mid = sets[len(sets) // 2]
             scores = []
             for lr in grid:
-                s = spec(tasks[0], method, mid, args.tune_seed, lr, "tune")
-                rec = (_run(s, records, json_files[0], written) if args.phase in ("all", "tune") else
-                       next((r for r in records if _key(r) == _key(s)), None))
-                if rec is not None:
-                    scores.append((rec["acc"], -lr, lr))
+                accs = []
+                for tseed in tune_seeds:
+                    s = spec(tasks[0], method, mid, tseed, lr, "tune")
+                    rec = (_run(s, records, json_files[0], written) if args.phase in ("all", "tune") else
+                           next((r for r in records if _key(r) == _key(s)), None))
+                    if rec is not None:
+                        accs.append(rec["acc"])
+                if len(accs) == len(tune_seeds):
+                    scores.append((statistics.mean(accs), -lr, lr))
             if args.phase == "tune":
                 continue
             if len(scores) < len(grid):
-                raise SystemExit(f"lr tuning of {fam} is incomplete ({len(scores)} of {len(grid)} runs in "
-                                 f"{json_files}); run --phase tune first")
+                raise SystemExit(f"lr tuning of {fam} is incomplete ({len(scores)} of {len(grid)} lrs with "
+                                 f"all tuning seeds {tune_seeds} in {json_files}); run --phase tune first")
             lrs[fam] = max(scores)[2]
-            print(f"[tune] {fam}: lr {lrs[fam]:g} (grid {grid}, on {tasks[0]} seed {args.tune_seed}, "
-                  f"{method} {mid[0]}; accuracies {[round(100 * a, 2) for a, _, _ in scores]})",
+            print(f"[tune] {fam}: lr {lrs[fam]:g} (grid {grid}, on {tasks[0]} seeds {tune_seeds}, "
+                  f"{method} {mid[0]}; mean accuracies {[round(100 * a, 2) for a, _, _ in scores]})",
                   file=sys.stderr, flush=True)
         if args.phase in ("all", "report"):
             seeds = ([int(v) for v in args.seed_list.split(",")] if args.seed_list else range(args.seeds))

@@ -35,3 +35,33 @@ def test_adalora_line_reads_the_front_at_adaloras_size(ada_acc, sign):
     line = next(l for l in lines if "vs AdaLoRA" in l)
     assert "dEBORA target_rank=1 81.00%" in line and f"→ {sign} AdaLoRA" in line
     assert "criterion 1 MET" in lines[0]          # 81.00% at 990 ≤ 7990 / 3 adapter params
+
+
+def _tune(method, setting, lr, accs, seeds=(100, 101, 102)):
+    return [dict(task="t", method=method, setting=setting, seed=s, acc=a, lr=lr, phase="tune")
+            for s, a in zip(seeds, accs)]
+
+
+def test_tuned_lr_is_the_best_mean_over_tuning_seeds_not_the_best_single_run():
+    recs = (_tune("debora", "target_rank=2", 3e-3, [0.812, 0.804, 0.832])      # mean 0.816
+            + _tune("debora", "target_rank=2", 1e-2, [0.811, 0.811, 0.820])    # mean 0.814
+            + _tune("adalora", "target_r=2", 3e-3, [0.804, 0.788, 0.831])      # best seed-100 run...
+            + _tune("adalora", "target_r=2", 1e-2, [0.807, 0.801, 0.814]))     # ...is 1e-2's
+    picks = fc.tuned_lrs(recs)
+    assert picks[("t", "debora", "")] == 3e-3
+    assert picks[("t", "adalora", "")] == 3e-3
+    one_seed = [r for r in recs if r["seed"] == 100]                           # the old protocol
+    assert fc.tuned_lrs(one_seed)[("t", "adalora", "")] == 1e-2
+    lucky = (_tune("debora", "target_rank=2", 3e-3, [0.812, 0.804, 0.822])    # the best single run,
+             + _tune("debora", "target_rank=2", 1e-2, [0.811, 0.815, 0.820]))  # the better mean
+    assert fc.tuned_lrs(lucky)[("t", "debora", "")] == 1e-2
+    scores = fc.tuning_scores(recs, "t", "adalora")
+    assert scores[1e-2][1] == [100, 101, 102] and abs(scores[3e-3][0] - 0.80767) < 1e-4
+
+
+def test_tuned_lr_compares_lrs_on_their_common_seeds_and_breaks_ties_to_the_smaller_lr():
+    recs = (_tune("lora-r4", "r=4", 1e-3, [0.80, 0.70, 0.70])
+            + _tune("lora-r4", "r=4", 3e-3, [0.79], seeds=(100,)))   # only seed 100: the common seed
+    assert fc.tuned_lrs(recs)[("t", "lora", "")] == 1e-3          # 0.80 vs 0.79 on seed 100
+    tie = _tune("lora-r4", "r=4", 1e-3, [0.8, 0.8, 0.8]) + _tune("lora-r4", "r=4", 3e-4, [0.8, 0.8, 0.8])
+    assert fc.tuned_lrs(tie)[("t", "lora", "")] == 3e-4
