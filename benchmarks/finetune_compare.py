@@ -21,7 +21,8 @@ forward/backward passes as LoRA's (``--preset paper``: halves D1/D2, an extra pa
 Learning rates: each method's lr comes from the same protocol, ``--lr-grid``: on a tuning split
 (seeds ``--tune-seeds``: other random pools and held-out splits than the reported seeds) each method
 is run at its middle setting for every lr of the grid on the first task; the best held-out accuracy,
-averaged over the tuning seeds, picks the lr used for all of that method's settings, tasks and seeds. ``--lr`` instead fixes one lr
+averaged over the tuning seeds, picks the lr (a race: an lr more than ``--tune-race`` points below the
+first seed's best, e.g. one that diverged, is not repeated on the other seeds and cannot be picked) used for all of that method's settings, tasks and seeds. ``--lr`` instead fixes one lr
 for all.
 
 Output: ``--json`` (a list, one record per finished run: task, method, setting, seed, acc, params,
@@ -433,9 +434,10 @@ def tuned_lrs(records):
     """{(task, family, variant): lr} chosen by the tuning records (phase "tune"): the best mean held-out
     accuracy over the tuning seeds, ties to the smaller lr, as the campaign's protocol chooses it.
 
-    Every lr of a family is scored on the same seeds: those that every lr of its grid has a record for
-    (with one tuning seed this is the single best record). An lr is compared only on those common seeds,
-    so a seed run at some lrs only cannot favour them."""
+    Only an lr run on every tuning seed that the family has records for is eligible (the race in
+    ``main`` stops repeating an lr that is far behind on the first seed; it cannot win on one lucky
+    seed), and the eligible lrs are compared on the same seeds. With one tuning seed this is the single
+    best record."""
     accs = {}
     for r in records:
         if r.get("phase") != "tune":
@@ -444,26 +446,21 @@ def tuned_lrs(records):
         accs.setdefault(key, {}).setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
     picks = {}
     for key, by_lr in accs.items():
-        common = set.intersection(*(set(seeds) for seeds in by_lr.values()))
-        if not common:
-            continue
-        score = {lr: statistics.mean(seeds[s] for s in common) for lr, seeds in by_lr.items()}
-        picks[key] = max(score, key=lambda lr: (score[lr], -lr))
+        seeds = set().union(*by_lr.values())
+        score = {lr: statistics.mean(by_seed.values()) for lr, by_seed in by_lr.items() if set(by_seed) == seeds}
+        if score:
+            picks[key] = max(score, key=lambda lr: (score[lr], -lr))
     return picks
 
 
 def tuning_scores(records, task, fam, var=""):
-    """{lr: (mean acc, seeds)} of one family's tuning records on ``task``, on the seeds common to its
-    lrs (the numbers ``tuned_lrs`` chose from), for the campaign log and README."""
+    """{lr: (mean acc, seeds)} of one family's tuning records on ``task`` (the numbers ``tuned_lrs``
+    chose from; an lr with fewer seeds than the others was stopped by the race), for logs and README."""
     by_lr = {}
     for r in records:
         if r.get("phase") == "tune" and r["task"] == task and (family(r["method"]), variant(r["setting"])) == (fam, var):
             by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
-    if not by_lr:
-        return {}
-    common = sorted(set.intersection(*(set(s) for s in by_lr.values())))
-    return {lr: (statistics.mean(s[k] for k in common) if common else float("nan"), common)
-            for lr, s in sorted(by_lr.items())}
+    return {lr: (statistics.mean(s.values()), sorted(s)) for lr, s in sorted(by_lr.items())}
 
 
 def tuned_groups(records, task):
@@ -600,6 +597,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tune-seeds", "--tune-seed", dest="tune_seeds", default="100",
                     help="comma-separated tuning seeds; each lr is scored by its mean held-out accuracy "
                          "over them (e.g. 100,101,102: the noise of one seed can exceed the lrs' effect)")
+    ap.add_argument("--tune-race", type=float, default=10.0,
+                    help="points of held-out accuracy: an lr this far below the best on the first tuning "
+                         "seed is not run on the others (diverged lrs), and cannot be picked")
     ap.add_argument("--lr-schedule", default="constant", choices=SCHEDULES,
                     help="every method's lr schedule (debora.train.lr_schedule): the lr decays to 0 over "
                          "the run; records keep it, and a report shows only the records of this schedule")
@@ -673,25 +673,40 @@ def main(argv=None) -> int:
             method = members[len(members) // 2]
             sets = settings_of(method, args)
             mid = sets[len(sets) // 2]
-            scores = []
-            for lr in grid:
-                accs = []
-                for tseed in tune_seeds:
+            # a race over the tuning seeds: every lr runs on the first seed; an lr more than
+            # --tune-race points below that seed's best is not repeated (and cannot be picked)
+            first = {}
+
+            def in_race(lr):              # within --tune-race points of the first seed's best
+                return lr in first and 100 * (max(first.values()) - first[lr]) <= args.tune_race + 1e-9
+
+            for i, tseed in enumerate(tune_seeds):
+                for lr in grid:
+                    if i and not in_race(lr):
+                        continue
                     s = spec(tasks[0], method, mid, tseed, lr, "tune")
                     rec = (_run(s, records, json_files[0], written) if args.phase in ("all", "tune") else
                            next((r for r in records if _key(r) == _key(s)), None))
-                    if rec is not None:
-                        accs.append(rec["acc"])
-                if len(accs) == len(tune_seeds):
-                    scores.append((statistics.mean(accs), -lr, lr))
+                    if rec is not None and not i:
+                        first[lr] = rec["acc"]
+            tuned = [r for r in records if r.get("phase") == "tune" and r["task"] == tasks[0]
+                     and r["method"] == method and r["setting"] == mid[0] and r["seed"] in tune_seeds
+                     and float(r["lr"]) in grid and schedule_of(r) == here]
+            by_lr = {}
+            for r in tuned:
+                by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
+            raced = {lr for lr in grid if in_race(lr)}
+            complete = len(first) == len(grid) and all(set(by_lr.get(lr, {})) >= set(tune_seeds) for lr in raced)
+            scores = [(statistics.mean(by_lr[lr][t] for t in tune_seeds), -lr, lr) for lr in sorted(raced)] if complete else []
             if args.phase == "tune":
                 continue
-            if len(scores) < len(grid):
-                raise SystemExit(f"lr tuning of {fam} is incomplete ({len(scores)} of {len(grid)} lrs with "
-                                 f"all tuning seeds {tune_seeds} in {json_files}); run --phase tune first")
+            if not scores:
+                raise SystemExit(f"lr tuning of {fam} is incomplete (grid {grid}, tuning seeds {tune_seeds}, "
+                                 f"records in {json_files}); run --phase tune first")
             lrs[fam] = max(scores)[2]
             print(f"[tune] {fam}: lr {lrs[fam]:g} (grid {grid}, on {tasks[0]} seeds {tune_seeds}, "
-                  f"{method} {mid[0]}; mean accuracies {[round(100 * a, 2) for a, _, _ in scores]})",
+                  f"{method} {mid[0]}; mean accuracies {dict((lr, round(100 * a, 2)) for a, _, lr in scores)}; "
+                  f"stopped after seed {tune_seeds[0]}: {sorted(set(grid) - raced)})",
                   file=sys.stderr, flush=True)
         if args.phase in ("all", "report"):
             seeds = ([int(v) for v in args.seed_list.split(",")] if args.seed_list else range(args.seeds))

@@ -59,9 +59,36 @@ def test_tuned_lr_is_the_best_mean_over_tuning_seeds_not_the_best_single_run():
     assert scores[1e-2][1] == [100, 101, 102] and abs(scores[3e-3][0] - 0.80767) < 1e-4
 
 
-def test_tuned_lr_compares_lrs_on_their_common_seeds_and_breaks_ties_to_the_smaller_lr():
+def test_an_lr_stopped_by_the_race_cannot_be_picked_and_ties_go_to_the_smaller_lr():
     recs = (_tune("lora-r4", "r=4", 1e-3, [0.80, 0.70, 0.70])
-            + _tune("lora-r4", "r=4", 3e-3, [0.79], seeds=(100,)))   # only seed 100: the common seed
-    assert fc.tuned_lrs(recs)[("t", "lora", "")] == 1e-3          # 0.80 vs 0.79 on seed 100
+            + _tune("lora-r4", "r=4", 3e-3, [0.99], seeds=(100,)))   # one lucky seed, not repeated
+    assert fc.tuned_lrs(recs)[("t", "lora", "")] == 1e-3
+    assert fc.tuning_scores(recs, "t", "lora")[3e-3] == (0.99, [100])
     tie = _tune("lora-r4", "r=4", 1e-3, [0.8, 0.8, 0.8]) + _tune("lora-r4", "r=4", 3e-4, [0.8, 0.8, 0.8])
     assert fc.tuned_lrs(tie)[("t", "lora", "")] == 3e-4
+
+
+def test_the_race_repeats_only_the_lrs_close_to_the_first_seeds_best_and_the_report_uses_the_best_mean(
+        tmp_path, monkeypatch):
+    ran = []
+    acc = {100: {1e-3: 0.72, 3e-3: 0.80, 1e-2: 0.81, 3e-2: 0.50},      # 1e-2 wins on seed 100 alone
+           101: {1e-3: 0.70, 3e-3: 0.83, 1e-2: 0.80}}
+
+    def fake_run(spec, records, path, written):
+        ran.append((spec["phase"], spec["seed"], spec["lr"]))
+        a = acc[spec["seed"]][spec["lr"]] if spec["phase"] == "tune" else 0.8
+        rec = dict(task=spec["task"], method=spec["method"], setting=spec["setting"], seed=spec["seed"],
+                   phase=spec["phase"], lr=spec["lr"], acc=a, params=1, adapter_params=1, wall=1.0,
+                   lr_schedule="constant", warmup=0.0)
+        records.append(rec)
+        return rec
+
+    monkeypatch.setattr(fc, "_run", fake_run)
+    monkeypatch.setattr(fc, "plot_fronts", lambda records, tasks, plot_dir: [])
+    assert fc.main(["--tasks", "rotten-tomatoes", "--methods", "adalora", "--adalora-target-rs", "2",
+                    "--lr-grid", "1e-3,3e-3,1e-2,3e-2", "--tune-seeds", "100,101", "--seed-list", "0",
+                    "--json", str(tmp_path / "t.json"), "--out", str(tmp_path / "o.md")]) == 0
+    assert sorted(ran) == sorted([("tune", 100, 1e-3), ("tune", 100, 3e-3), ("tune", 100, 1e-2),
+                                  ("tune", 100, 3e-2),                   # 31 points behind: not repeated
+                                  ("tune", 101, 1e-3), ("tune", 101, 3e-3), ("tune", 101, 1e-2),
+                                  ("report", 0, 3e-3)])                  # best mean: 81.5 vs 80.5
