@@ -21,9 +21,9 @@ forward/backward passes as LoRA's (``--preset paper``: halves D1/D2, an extra pa
 Learning rates: each method's lr comes from the same protocol, ``--lr-grid``: on a tuning split
 (seeds ``--tune-seeds``: other random pools and held-out splits than the reported seeds) each method
 is run at its middle setting for every lr of the grid on the first task; the best held-out accuracy,
-averaged over the tuning seeds, picks the lr (a race: an lr more than ``--tune-race`` points below the
-first seed's best, e.g. one that diverged, is not repeated on the other seeds and cannot be picked) used for all of that method's settings, tasks and seeds. ``--lr`` instead fixes one lr
-for all.
+averaged over the tuning seeds, picks the lr used for all of that method's settings, tasks and seeds
+(a race: an lr more than ``--tune-race`` points below the first seed's best, e.g. one that diverged, is
+not repeated on the other seeds and cannot be picked). ``--lr`` instead fixes one lr for all.
 
 Output: ``--json`` (a list, one record per finished run: task, method, setting, seed, acc, params,
 adapter_params, wall, lr, rank, ...; runs already in the file are skipped, so a killed campaign
@@ -430,6 +430,19 @@ def variant(setting: str) -> str:
     return setting.partition(" ")[2]
 
 
+def _tune_accs(records, keep):
+    """{lr: {seed: acc}} of the tuning records (phase "tune") that ``keep`` accepts."""
+    by_lr = {}
+    for r in records:
+        if r.get("phase") == "tune" and keep(r):
+            by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
+    return by_lr
+
+
+def _tune_key(r):
+    return (r["task"], family(r["method"]), variant(r["setting"]))
+
+
 def tuned_lrs(records):
     """{(task, family, variant): lr} chosen by the tuning records (phase "tune"): the best mean held-out
     accuracy over the tuning seeds, ties to the smaller lr, as the campaign's protocol chooses it.
@@ -438,28 +451,19 @@ def tuned_lrs(records):
     ``main`` stops repeating an lr that is far behind on the first seed; it cannot win on one lucky
     seed), and the eligible lrs are compared on the same seeds. With one tuning seed this is the single
     best record."""
-    accs = {}
-    for r in records:
-        if r.get("phase") != "tune":
-            continue
-        key = (r["task"], family(r["method"]), variant(r["setting"]))
-        accs.setdefault(key, {}).setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
     picks = {}
-    for key, by_lr in accs.items():
+    for key in {_tune_key(r) for r in records if r.get("phase") == "tune"}:
+        by_lr = _tune_accs(records, lambda r: _tune_key(r) == key)
         seeds = set().union(*by_lr.values())
         score = {lr: statistics.mean(by_seed.values()) for lr, by_seed in by_lr.items() if set(by_seed) == seeds}
-        if score:
-            picks[key] = max(score, key=lambda lr: (score[lr], -lr))
+        picks[key] = max(score, key=lambda lr: (score[lr], -lr))
     return picks
 
 
 def tuning_scores(records, task, fam, var=""):
     """{lr: (mean acc, seeds)} of one family's tuning records on ``task`` (the numbers ``tuned_lrs``
     chose from; an lr with fewer seeds than the others was stopped by the race), for logs and README."""
-    by_lr = {}
-    for r in records:
-        if r.get("phase") == "tune" and r["task"] == task and (family(r["method"]), variant(r["setting"])) == (fam, var):
-            by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
+    by_lr = _tune_accs(records, lambda r: _tune_key(r) == (task, fam, var))
     return {lr: (statistics.mean(s.values()), sorted(s)) for lr, s in sorted(by_lr.items())}
 
 
@@ -689,12 +693,8 @@ def main(argv=None) -> int:
                            next((r for r in records if _key(r) == _key(s)), None))
                     if rec is not None and not i:
                         first[lr] = rec["acc"]
-            tuned = [r for r in records if r.get("phase") == "tune" and r["task"] == tasks[0]
-                     and r["method"] == method and r["setting"] == mid[0] and r["seed"] in tune_seeds
-                     and float(r["lr"]) in grid and schedule_of(r) == here]
-            by_lr = {}
-            for r in tuned:
-                by_lr.setdefault(float(r["lr"]), {})[r["seed"]] = r["acc"]
+            by_lr = _tune_accs(records, lambda r: (r["task"], r["method"], r["setting"]) == (tasks[0], method, mid[0])
+                               and r["seed"] in tune_seeds)   # records: this schedule's only
             raced = {lr for lr in grid if in_race(lr)}
             complete = len(first) == len(grid) and all(set(by_lr.get(lr, {})) >= set(tune_seeds) for lr in raced)
             scores = [(statistics.mean(by_lr[lr][t] for t in tune_seeds), -lr, lr) for lr in sorted(raced)] if complete else []
