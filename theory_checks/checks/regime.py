@@ -7,7 +7,7 @@ loss), the ``first-order`` estimator g = ∂_s f, away-step Frank-Wolfe with the
 T_max = 1 lower step (Adam, lr 5e-4 decayed by the trainer's ``lr_schedule``, batch 32; with
 ``fw_step_schedule="lr"`` γ follows the same factor) per outer iteration, and a count budget: from n0 = 10 %
 of the run, the live components beyond k(n) (``debora.train.budget``: cubic from R0 to R* = 2 per
-adapter between 30 % and 90 % of the run) with the smallest s are moved to the floor and leave.
+adapter between 10 % and 70 % of the run) with the smallest s are moved to the floor and leave.
 :data:`PRESET` is read from ``TrainConfig``'s defaults (:func:`default_preset`), not copied.
 
 1. Envelope theorem. With f1 = f2 = f, at an exact lower solution (∂_B f = 0 on the manifold)
