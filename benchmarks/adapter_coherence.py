@@ -1,0 +1,62 @@
+"""How distinct are the components a trained dEBORA adapter kept? One row per run directory.
+
+    .venv/bin/python benchmarks/adapter_coherence.py RUN_DIR [RUN_DIR ...]
+
+For every matrix adapter of rank r ≥ 2 in ``RUN_DIR/adapter`` (``U`` of shape (m, r), ``V`` (n, r),
+``s`` (r,)), with û_i = u_i/‖u_i‖ and v̂_i likewise:
+
+- coherence: max_{i≠j} |û_iᵀ û_j| (and the same for V): 0 for orthonormal (Stiefel) bases, 1 when two
+  components point the same way;
+- effective rank of U diag(s) Vᵀ (the trained part of the update; ΔW0 is folded into the weight):
+  (Σσ)² / Σσ² over its singular values σ, between 1 (one direction carries everything) and r.
+
+Prints the median of each over the layers, and how many layers had r ≥ 2.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import statistics
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+
+def layer_stats(U: torch.Tensor, V: torch.Tensor, s: torch.Tensor):
+    U, V, s = U.double(), V.double(), s.double()
+    r = U.shape[1]
+    off = ~torch.eye(r, dtype=torch.bool)
+    cu = float(((U / U.norm(dim=0)).T @ (U / U.norm(dim=0))).abs()[off].max())
+    cv = float(((V / V.norm(dim=0)).T @ (V / V.norm(dim=0))).abs()[off].max())
+    sv = torch.linalg.svdvals((U * s) @ V.T)
+    return cu, cv, float(sv.sum() ** 2 / (sv ** 2).sum())
+
+
+def run_stats(run_dir: str):
+    files = glob.glob(os.path.join(run_dir, "adapter", "*.safetensors"))
+    if not files:
+        raise SystemExit(f"no adapter/*.safetensors under {run_dir!r}: pass a dEBORA run directory")
+    t = load_file(files[0])
+    names = sorted(k[:-2] for k in t if k.endswith(".s"))
+    rows = [layer_stats(t[n + ".U"], t[n + ".V"], t[n + ".s"]) for n in names
+            if n + ".U" in t and t[n + ".U"].dim() == 2 and t[n + ".U"].shape[1] >= 2]
+    return len(names), rows
+
+
+def main(argv) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    print("| run | layers with r ≥ 2 | coherence U (median) | coherence V (median) | effective rank (median) |")
+    print("|---|---:|---:|---:|---:|")
+    for d in argv:
+        n, rows = run_stats(d)
+        med = [statistics.median(col) for col in zip(*rows)] if rows else [float("nan")] * 3
+        print(f"| {os.path.basename(os.path.normpath(d))} | {len(rows)} of {n} | {med[0]:.3f} | {med[1]:.3f} | "
+              f"{med[2]:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
