@@ -1,12 +1,18 @@
 #!/bin/bash
 # Text at the issue's scale (2,400 examples x 3 epochs): one table, verdicts and plot per lr schedule,
-# over every committed scale_rt24_* / scale_tw24_* record (finetune_compare.py --report-only), each
-# family at the lr its tune_rt24_* and tune_seeds_rt24_* records chose for that schedule: the best mean
-# accuracy over the tuning seeds that all of its lrs share (linear: round 8, seeds 100-102).
+# over every committed scale_rt24_* / scale_tw24_* record of seeds 0-2 (finetune_compare.py --report-only),
+# each family at the lr its tune_rt24_* and tune_seeds_rt24_* records chose for that schedule: the best
+# mean accuracy over the tuning seeds that all of its lrs share (linear: round 8, seeds 100-102).
+# Round 9's seeds 3-5 (*_s345.json, the middle of the Rotten Tomatoes front: dEBORA targets 2 / 4 and
+# LoRA r = 2 / 4 only) go to a table of their own, so that every verdict above compares 3 seeds with 3.
 cd "$(dirname "$0")/../.."
-files="/dev/null,$(ls benchmarks/results/scale_rt24_*.json benchmarks/results/scale_tw24_*.json benchmarks/results/tune_rt24_*.json benchmarks/results/tune_seeds_rt24_*.json | paste -sd, -)"
+tune="$(ls benchmarks/results/tune_rt24_*.json benchmarks/results/tune_seeds_rt24_*.json | paste -sd, -)"
+files="/dev/null,$(ls benchmarks/results/scale_rt24_*.json benchmarks/results/scale_tw24_*.json | grep -v '_s345\.json$' | paste -sd, -),$tune"
 for sched in constant linear; do
     .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets \
         --lr-schedule "$sched" --json "$files" --out "benchmarks/results/scale24_${sched}.md" \
         --plot-dir "benchmarks/results/scale24_${sched}"
 done
+six="/dev/null,$(ls benchmarks/results/scale_rt24_lin_debora{2,4}_prune1070*.json benchmarks/results/scale_rt24_lin_lora{2,4}*.json benchmarks/results/scale_rt24_lin_lora8.json | paste -sd, -),$tune"
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes --lr-schedule linear \
+    --json "$six" --out benchmarks/results/scale24_linear_6seeds_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_rt
