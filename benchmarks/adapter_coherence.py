@@ -14,34 +14,32 @@ Prints the median of each over the layers, and how many layers had r ≥ 2.
 """
 from __future__ import annotations
 
-import glob
 import os
 import statistics
 import sys
 
 import torch
-from safetensors.torch import load_file
+
+from debora.io import _read       # the adapter reader of debora.load: checksums, format version, finiteness
 
 
 def layer_stats(U: torch.Tensor, V: torch.Tensor, s: torch.Tensor):
     U, V, s = U.double(), V.double(), s.double()
-    r = U.shape[1]
-    off = ~torch.eye(r, dtype=torch.bool)
-    cu = float(((U / U.norm(dim=0)).T @ (U / U.norm(dim=0))).abs()[off].max())
-    cv = float(((V / V.norm(dim=0)).T @ (V / V.norm(dim=0))).abs()[off].max())
+    off = ~torch.eye(U.shape[1], dtype=torch.bool)
+
+    def coherence(B):
+        B = B / B.norm(dim=0)
+        return float((B.T @ B).abs()[off].max())
+
     sv = torch.linalg.svdvals((U * s) @ V.T)
-    return cu, cv, float(sv.sum() ** 2 / (sv ** 2).sum())
+    return coherence(U), coherence(V), float(sv.sum() ** 2 / (sv ** 2).sum())
 
 
 def run_stats(run_dir: str):
-    files = glob.glob(os.path.join(run_dir, "adapter", "*.safetensors"))
-    if not files:
-        raise SystemExit(f"no adapter/*.safetensors under {run_dir!r}: pass a dEBORA run directory")
-    t = load_file(files[0])
-    names = sorted(k[:-2] for k in t if k.endswith(".s"))
-    rows = [layer_stats(t[n + ".U"], t[n + ".V"], t[n + ".s"]) for n in names
-            if n + ".U" in t and t[n + ".U"].dim() == 2 and t[n + ".U"].shape[1] >= 2]
-    return len(names), rows
+    meta, t = _read(os.path.join(run_dir, "adapter"))      # ValueError naming the file if it is not one
+    rows = [layer_stats(t[f"{n}.U"], t[f"{n}.V"], t[f"{n}.s"]) for n, layer in meta["layers"].items()
+            if layer["rank"] >= 2 and t.get(f"{n}.U", torch.empty(0)).dim() == 2]   # matrix adapters
+    return len(meta["layers"]), rows
 
 
 def main(argv) -> int:

@@ -451,12 +451,17 @@ def tuned_lrs(records):
     ``main`` stops repeating an lr that is far behind on the first seed; it cannot win on one lucky
     seed), and the eligible lrs are compared on the same seeds. With one tuning seed this is the single
     best record."""
+    groups = {}
+    for r in records:
+        if r.get("phase") == "tune":
+            groups.setdefault(_tune_key(r), []).append(r)
     picks = {}
-    for key in {_tune_key(r) for r in records if r.get("phase") == "tune"}:
-        by_lr = _tune_accs(records, lambda r: _tune_key(r) == key)
+    for key, group in groups.items():
+        by_lr = _tune_accs(group, lambda r: True)
         seeds = set().union(*by_lr.values())
         score = {lr: statistics.mean(by_seed.values()) for lr, by_seed in by_lr.items() if set(by_seed) == seeds}
-        picks[key] = max(score, key=lambda lr: (score[lr], -lr))
+        if score:           # no lr ran on every seed of the family (disjoint manual runs): no pick
+            picks[key] = max(score, key=lambda lr: (score[lr], -lr))
     return picks
 
 

@@ -66,6 +66,9 @@ def test_an_lr_stopped_by_the_race_cannot_be_picked_and_ties_go_to_the_smaller_l
     assert fc.tuning_scores(recs, "t", "lora")[3e-3] == (0.99, [100])
     tie = _tune("lora-r4", "r=4", 1e-3, [0.8, 0.8, 0.8]) + _tune("lora-r4", "r=4", 3e-4, [0.8, 0.8, 0.8])
     assert fc.tuned_lrs(tie)[("t", "lora", "")] == 3e-4
+    disjoint = (_tune("lora-r4", "r=4", 1e-3, [0.8], seeds=(100,))     # two manual runs, no common
+                + _tune("lora-r4", "r=4", 3e-3, [0.9], seeds=(101,)))   # seed: no pick, no crash
+    assert ("t", "lora", "") not in fc.tuned_lrs(disjoint)
 
 
 def test_the_race_repeats_only_the_lrs_close_to_the_first_seeds_best_and_the_report_uses_the_best_mean(
