@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from debora.io import _read       # the adapter reader of debora.load: checksums, format version, finiteness
+from debora import read_adapter   # debora.from_pretrained's reader: checksums, format version, finiteness
 
 
 def layer_stats(U: torch.Tensor, V: torch.Tensor, s: torch.Tensor):
@@ -36,7 +36,7 @@ def layer_stats(U: torch.Tensor, V: torch.Tensor, s: torch.Tensor):
 
 
 def run_stats(run_dir: str):
-    meta, t = _read(os.path.join(run_dir, "adapter"))      # ValueError naming the file if it is not one
+    meta, t = read_adapter(os.path.join(run_dir, "adapter"))      # ValueError naming the file if it is not one
     rows = [layer_stats(t[f"{n}.U"], t[f"{n}.V"], t[f"{n}.s"]) for n, layer in meta["layers"].items()
             if layer["rank"] >= 2 and t.get(f"{n}.U", torch.empty(0)).dim() == 2]   # matrix adapters
     return len(meta["layers"]), rows

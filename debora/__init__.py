@@ -41,7 +41,7 @@ __all__ = ["DeboraConfig", "inject", "upper_parameters", "lower_parameters", "ba
            "adapter_layers", "get_config", "AdapterLayer", "MatrixAdapter", "CPConv2dAdapter",
            "DeboraClosedForm"]
 
-from .io import from_pretrained, save_pretrained  # noqa: E402
+from .io import from_pretrained, read_adapter, save_pretrained  # noqa: E402
 from .peft_export import export_peft  # noqa: E402
 
-__all__ += ["save_pretrained", "from_pretrained", "export_peft", "singular_values", "svd_refactor", "refold_magnitudes_"]
+__all__ += ["save_pretrained", "from_pretrained", "read_adapter", "export_peft", "singular_values", "svd_refactor", "refold_magnitudes_"]

@@ -126,7 +126,15 @@ def save_pretrained(model: nn.Module, path: str) -> None:
         json.dump(meta, f, indent=2)
 
 
-def _read(path: str):
+def read_adapter(path: str):
+    """``(meta, tensors)`` of the adapter saved in ``path``, verified but not loaded into a model.
+
+    ``meta`` is the parsed ``debora_config.json`` (``config``, ``layers`` with each layer's rank and
+    basis, ``tensors`` with their shapes, ...); ``tensors`` maps model names to CPU tensors. The checks
+    are those of :func:`from_pretrained` that need no base model: format and version, both checksums,
+    every field present, no NaN/Inf. For inspecting a saved adapter (``benchmarks/adapter_coherence.py``).
+    Raises ``ValueError`` naming the file and the problem.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -238,7 +246,7 @@ def _validate(base_model: nn.Module, meta, tensors) -> DeboraConfig:
 
 def from_pretrained(base_model: nn.Module, path: str) -> nn.Module:
     """Load adapters saved by :func:`save_pretrained` into ``base_model`` (in place; returns it)."""
-    meta, tensors = _read(path)
+    meta, tensors = read_adapter(path)
     cfg = _validate(base_model, meta, tensors)
     for p in base_model.parameters():
         p.requires_grad_(False)

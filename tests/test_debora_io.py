@@ -54,6 +54,23 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, basis):
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == set(debora.lower_parameters(loaded))
 
 
+def test_read_adapter_returns_the_saved_tensors_and_refuses_a_corrupted_file(tmp_path):
+    model = _bert_adapted("oblique")
+    debora.save_pretrained(model, str(tmp_path))
+    meta, tensors = debora.read_adapter(str(tmp_path))
+    assert meta["layers"]["bert.encoder.layer.0.attention.self.value"]["rank"] == 0
+    sd = model.state_dict()
+    assert set(tensors) == set(meta["tensors"])
+    s_name = "bert.encoder.layer.0.attention.self.query.s"
+    assert torch.equal(tensors[s_name], sd[s_name])
+    weights = tmp_path / "adapter_model.safetensors"
+    blob = bytearray(weights.read_bytes())
+    blob[-3] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match="checksum"):
+        debora.read_adapter(str(tmp_path))
+
+
 def test_cnn_round_trip(tmp_path):
     torch.manual_seed(0)
     model = SmallCNN()
