@@ -64,6 +64,9 @@ FLAGS = [
     ("--fw-step-size", "fw_step_size", float, "step of --fw-step constant"),
     ("--fw-step-schedule", "fw_step_schedule", str, "constant | lr: the constant FW step as is, or scaled "
                                                     "by the lower lr's schedule factor"),
+    ("--fw-grad-averaging", "fw_grad_averaging", float, "ρ in (0, 1]: Frank-Wolfe steps on the average "
+                                                        "d = (1-ρ) d + ρ ∂_s f (stochastic FW, Mokhtari et "
+                                                        "al. 2020); 1 (default) = no averaging"),
     ("--gap-tol", "gap_tol", float, "p̃: stop updating s once the FW gap is below it"),
     ("--gap-patience", "gap_patience", int, "consecutive FW gaps <= p̃ before s is frozen"),
     ("--truncate-from", "truncate_from", lambda v: int(v) if float(v).is_integer() else float(v),

@@ -14,6 +14,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import bilevel
 import debora
 from debora.train import train
+from debora.train import checkpoint as ckpt
 from debora.train.budget import scheduled_count, smallest_beyond
 from test_train_tiny import one_thread, tiny_config  # noqa: F401  (autouse fixture)
 
@@ -222,14 +223,44 @@ def test_a_single_small_gap_does_not_freeze_s(tmp_path):
         assert state.s_frozen is frozen
 
 
+def test_frank_wolfe_steps_on_the_averaged_gradient(tmp_path):
+    """fw_grad_averaging = ρ: the solver gets d_n = (1 − ρ) d_{n−1} + ρ g_n (a spy solver records it)."""
+    from debora.train.loop import Trainer
+    from debora.train.run import prepare, resolve_device
+    cfg = tiny_config(tmp_path, max_iterations=1, eval_every=0, truncate_from=-1, estimator="first-order",
+                      fw_grad_averaging=0.25)
+    model, task, d1, d2, ev, splits, info = prepare(cfg, resolve_device("cpu"))
+    trainer = Trainer(model, cfg, task, d1, d2, ev, torch.device("cpu"))
+    state = trainer.init_state()
+    solver, seen = trainer.make_fw(state.layout), []
+    step = solver.step
+    solver.step = lambda g, st, objective=None: (seen.append(g.clone()), step(g, st, objective=objective))[1]
+    gen = torch.Generator().manual_seed(0)
+    gs = [{k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in debora.upper_parameters(model).items()}
+          for _ in range(3)]
+    for g in gs:
+        trainer.fw_update(state, g)
+    flat = [state.layout.flatten(g).to(seen[0].dtype) for g in gs]
+    expected = [flat[0], 0.75 * flat[0] + 0.25 * flat[1]]
+    expected.append(0.75 * expected[1] + 0.25 * flat[2])
+    for got, want in zip(seen, expected):
+        torch.testing.assert_close(got, want)
+    assert state.grad_avg.n == 3
+    with pytest.raises(ValueError, match="fw_grad_averaging"):
+        tiny_config(tmp_path, fw_grad_averaging=0.0)
+
+
 # -- exact resume in the default regime (fused first-order, count budget) -------------------------------
 @pytest.mark.slow
-def test_resume_in_the_default_regime_reproduces_the_run(tmp_path):
+@pytest.mark.parametrize("rho", [1.0, 0.2])
+def test_resume_in_the_default_regime_reproduces_the_run(tmp_path, rho):
+    """rho < 1: the averaged FW gradient d_n travels with the checkpoint and loses truncated coordinates."""
     from debora.train.metrics import read_metrics
     kw = dict(epochs=2.0, max_iterations=12, basis="oblique", init_s=0.01, tau=1.0, target_rank=2.0,
               split="same", estimator="first-order", fw_step="constant", fw_step_size=0.05,
               budget="per_layer", truncate_from=0.1, eval_every=0, checkpoint_every=5,
-              lr_schedule="linear", warmup=0.1)      # the default's decaying lr, from the checkpoint on
+              lr_schedule="linear", warmup=0.1,      # the default's decaying lr, from the checkpoint on
+              fw_grad_averaging=rho)
     a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
     assert a.trainer.fused
 
@@ -243,6 +274,10 @@ def test_resume_in_the_default_regime_reproduces_the_run(tmp_path):
     cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
     with pytest.raises(Stop):
         train(cfg, callback=stop_at_5)
+    if rho < 1:   # the checkpoint at iteration 5 holds d_5 over the s still alive (ranks cut after it)
+        tensors, meta = ckpt.load(os.path.join(cfg.output_dir, "checkpoint"))
+        assert meta["fw_avg_n"] == 5
+        assert tensors["fw_avg"]["d"].shape == (sum(meta["ranks"].values()),)
     b = train(cfg.replace(resume="auto"))
     ra = [r for r in read_metrics(os.path.join(a.output_dir, "metrics.jsonl")) if r["kind"] == "train"]
     rb = [r for r in read_metrics(os.path.join(b.output_dir, "metrics.jsonl")) if r["kind"] == "train"]

@@ -8,10 +8,13 @@
     state = opt.init(s0)
     s, state, info = opt.step(grad, state)                # info.gap, info.kind
     state = opt.remove_coordinates(state, torch.nonzero(opt.at_floor(state)).flatten())
+    avg = fw.GradientAveraging(rho="mokhtari")            # stochastic FW: d_n = (1-rho_n) d_n-1 + rho_n g_n
 
 Modules: ``sets`` (feasible sets, LMO, projection), ``steps`` (step-size rules), ``solvers``
-(VanillaFW, AwayStepFW, PairwiseFW), ``state`` (FWState, FWInfo, KINDS).
+(VanillaFW, AwayStepFW, PairwiseFW), ``state`` (FWState, FWInfo, KINDS), ``averaging``
+(GradientAveraging: averaged stochastic gradients for the LMO).
 """
+from .averaging import AveragingState, GradientAveraging
 from .sets import Box, FeasibleSet, FlooredSimplex, L1Ball, ProbabilitySimplex, ProductSet
 from .solvers import AwayStepFW, PairwiseFW, VanillaFW
 from .state import KINDS, FWInfo, FWState
@@ -19,4 +22,5 @@ from .steps import Armijo, Constant, OpenLoop, ShortStep, StepContext, StepRule
 
 __all__ = ["FeasibleSet", "FlooredSimplex", "ProbabilitySimplex", "L1Ball", "Box", "ProductSet",
            "VanillaFW", "AwayStepFW", "PairwiseFW", "FWState", "FWInfo", "KINDS",
-           "StepRule", "StepContext", "ShortStep", "Armijo", "OpenLoop", "Constant"]
+           "StepRule", "StepContext", "ShortStep", "Armijo", "OpenLoop", "Constant",
+           "GradientAveraging", "AveragingState"]

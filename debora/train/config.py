@@ -86,6 +86,8 @@ class TrainConfig:
     fw_step_schedule: str = "constant"     # fw_step="constant": "constant" keeps γ = fw_step_size; "lr":
                                            # γ_n = fw_step_size × the lower lr's factor (lr_schedule, warmup)
                                            # at iteration n's last lower step, so s settles as the lr decays
+    fw_grad_averaging: float = 1.0         # ρ: Frank-Wolfe's LMO sees d_n = (1 − ρ) d_{n−1} + ρ ∂_s f_n
+                                           # (bilevel.frank_wolfe.GradientAveraging); 1 = ∂_s f_n as is
     gap_tol: float = 0.0                   # p̃
     gap_patience: int = 5                  # s is frozen after this many consecutive FW gaps <= p̃
     truncate_from: Union[int, float] = 0.1  # n0: outer iteration (int), or a fraction of all iterations
@@ -184,6 +186,9 @@ class TrainConfig:
             raise ValueError(f"max_examples must be >= 2, got {self.max_examples!r}")
         if not (0.0 < self.eval_fraction < 1.0):
             raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if not 0.0 < self.fw_grad_averaging <= 1.0:
+            raise ValueError(f"fw_grad_averaging (ρ of the averaged FW gradient) must be in (0, 1] (1 = no "
+                             f"averaging), got {self.fw_grad_averaging!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         from .lr_schedule import SCHEDULES

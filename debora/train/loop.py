@@ -46,6 +46,7 @@ from .budget import scheduled_count, smallest_beyond
 from .lr_schedule import lr_factor
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
+from bilevel.frank_wolfe import GradientAveraging
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
 from .split import Sampler
@@ -74,6 +75,7 @@ class TrainState:
     s_frozen: bool = False               # FW gap stayed below p̃ for gap_patience iterations: s fixed
     below_tol: int = 0                   # consecutive iterations with FW gap <= p̃
     last_gap: Optional[float] = None
+    grad_avg: Any = None                 # bilevel.frank_wolfe.AveragingState (fw_grad_averaging < 1)
     elapsed: float = 0.0                 # wall seconds of previous sessions (resume)
     history: Dict[str, Any] = field(default_factory=dict)   # eval at start, best eval, ...
 
@@ -393,6 +395,9 @@ class Trainer:
             fw_solver.rule.gamma = self.cfg.fw_step_size * self.lr_factor_at(
                 (state.iteration + 1) * self.cfg.inner_steps - 1)
         gvec = state.layout.flatten(g).to(state.fw_state.x.dtype)
+        averaging = self.averaging()
+        if averaging is not None:   # the LMO sees d_n = (1 − ρ) d_{n−1} + ρ g_n (stochastic FW, Mokhtari et al.)
+            gvec, state.grad_avg = averaging.update(gvec, state.grad_avg or averaging.init())
         s_new, fw_state, info = fw_solver.step(gvec, state.fw_state, objective=objective)
         state.last_gap = info.gap
         if self.cfg.gap_tol > 0:
@@ -405,6 +410,11 @@ class Trainer:
         state.fw_state = fw_state
         self.write_s(s_new, state.layout)
         return info
+
+    def averaging(self):
+        """The FW gradient averaging (``fw_grad_averaging`` = ρ < 1), or None (ρ = 1: the gradient as is)."""
+        rho = self.cfg.fw_grad_averaging
+        return None if rho >= 1.0 else GradientAveraging(rho)
 
     def at_floor(self, state: TrainState) -> torch.Tensor:
         """Boolean mask over the s vector: components at the floor ε, as the FW solver sees them
@@ -446,6 +456,8 @@ class Trainer:
         fw_solver = self.make_fw(state.layout)
         state.fw_state = fw_solver.remove_coordinates(state.fw_state, global_idx,
                                                       atol=self.cfg.truncate_atol)
+        if state.grad_avg is not None:
+            state.grad_avg = self.averaging().remove_coordinates(state.grad_avg, global_idx)
         state.layout.remove(removed)
         self.write_s(state.fw_state.x, state.layout)
         # a fresh problem: bilevel's Estimator re-validates a changed structure with lower_batch=None
@@ -537,6 +549,7 @@ class Trainer:
                         keep = ~force[offsets[name]:offsets[name] + size]
                         refold_magnitudes_(layer, keep, self.refolded_s(int(keep.sum())), self.cfg.init_rank)
             x_now = self.s_vector().to(device=fw_state.x.device, dtype=fw_state.x.dtype)
+            state.grad_avg = None     # re-factorised components: their averaged ∂_s f no longer applies
         x_new = torch.where(force.to(fw_state.x.device), floor, x_now)
         fresh = self.make_fw(state.layout).init(x_new, feasible_set=S)
         state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
@@ -686,6 +699,9 @@ class Trainer:
                 folded[f"{n}.base_weight"] = l.weight_ref.detach()
         groups = {"model": model_tensors, "optimizer": opt_tensors, "fw": fw_tensors, "rng": rng,
                   "estimator": est_tensors, "folded": folded}
+        if state.grad_avg is not None and state.grad_avg.d is not None:   # fw_grad_averaging's d_n, n
+            groups["fw_avg"] = {"d": state.grad_avg.d.detach()}
+            meta["fw_avg_n"] = int(state.grad_avg.n)
         if self.dist is None:
             return ckpt.save(path, groups, meta)
         # rank 0 writes; every rank learns whether it worked (no rank waits for a failed writer)
@@ -801,6 +817,7 @@ class Trainer:
         state.d2_est.load_state_dict(meta["samplers"]["d2_est"])
         self.est_state = _estimator_state_in(meta.get("estimator_state"), tensors.get("estimator", {}),
                                              set(named), self.device, path)
+        state.grad_avg = _averaging_state_in(meta, tensors.get("fw_avg"), layout.total, fw_state.x, path)
         rank = self.dist.rank if self.dist is not None else 0
         key = "torch_cpu" if rank == 0 else f"torch_cpu_rank{rank}"
         saved_world = meta.get("world_size", 1)
@@ -955,6 +972,26 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write("train", **rec)
         return rec
+
+
+def _averaging_state_in(meta, group, total: int, x: torch.Tensor, path: str):
+    """The averaged FW gradient (d_n, n) of a checkpoint, checked against the s layout; None if it has none."""
+    from bilevel.frank_wolfe import AveragingState
+    n = meta.get("fw_avg_n")
+    if group is None and n is None:
+        return None
+    where = os.path.join(path, "state.json")
+    if group is None or set(group) != {"d"}:
+        raise ValueError(f"{where} has fw_avg_n but fw_avg.safetensors lacks the tensor 'd' (or has others); "
+                         "the checkpoint is corrupted or edited")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{where}: fw_avg_n must be an integer >= 1, got {n!r}")
+    d = group["d"]
+    if d.shape != (total,) or not d.is_floating_point() or not bool(torch.isfinite(d).all()):
+        raise ValueError(f"{os.path.join(path, 'fw_avg.safetensors')}: d must be a finite float vector of "
+                         f"shape ({total},) (the s layout), got shape {tuple(d.shape)}; the checkpoint is "
+                         "corrupted or edited")
+    return AveragingState(d=d.to(device=x.device, dtype=x.dtype), n=n)
 
 
 def _estimator_state_out(state):
