@@ -513,8 +513,17 @@ def front_at(deb, params):
     return min(deb.items(), key=lambda kv: abs(_mean(kv[1], "params") - params)), "nearest size, larger"
 
 
-def _verdict_lines(g, task, where):
-    """The issue's criteria on one set of groups (every group at one lr)."""
+def _dominated(deb, rivals):
+    """The rival (LoRA/AdaLoRA) points with a dEBORA point of no more parameters and no lower accuracy."""
+    dpts = [(_mean(rs, "params"), _mean(rs, "acc")) for rs in deb.values()]
+    return [f"{m} {s}" for (m, s), rs in sorted(rivals.items())
+            if any(p <= _mean(rs, "params") and a >= _mean(rs, "acc") for p, a in dpts)]
+
+
+def _verdict_lines(g, task, where, default_variant=None):
+    """The issue's criteria on one set of groups (every group at one lr). Criterion 1 and dominance take
+    the best of every dEBORA setting present; with ``default_variant`` (the variant label of the rows
+    that ran the current default preset) a second dominance line counts those rows alone."""
     lora8 = g.get(("lora-r8", "r=8"))
     deb = {k: v for k, v in g.items() if k[0] == "debora"}
     if not lora8 or not deb:
@@ -536,12 +545,17 @@ def _verdict_lines(g, task, where):
         out.append(f"- {name} ({where}): no dEBORA setting matches LoRA r=8 ({100 * m8:.2f} ± "
                    f"{100 * sd8:.2f}%) at ≤ ⅓ of its {a8:,.0f} adapter parameters: criterion 1 NOT met.")
     # dominance: every competitor point needs a dEBORA point with no more parameters and no lower accuracy
-    dpts = [(_mean(rs, "params"), _mean(rs, "acc")) for rs in deb.values()]
     rivals = {k: v for k, v in g.items() if k[0] != "debora"}
-    beaten = [f"{m} {s}" for (m, s), rs in sorted(rivals.items())
-              if any(p <= _mean(rs, "params") and a >= _mean(rs, "acc") for p, a in dpts)]
-    out.append(f"  - dominance: {len(beaten)} of {len(rivals)} LoRA/AdaLoRA points have a dEBORA point with "
-               f"no more parameters and no lower mean accuracy" + (f" ({', '.join(beaten)})" if beaten else ""))
+    beaten = _dominated(deb, rivals)
+    out.append(f"  - dominance: {len(beaten)} of {len(rivals)} LoRA/AdaLoRA points have a dEBORA point (any of "
+               f"{len(deb)} settings) with no more parameters and no lower mean accuracy"
+               + (f" ({', '.join(beaten)})" if beaten else ""))
+    if default_variant is not None:
+        own = {k: v for k, v in deb.items() if variant(k[1]) == default_variant}
+        mine = _dominated(own, rivals)
+        out.append(f"  - dominance by the default alone ('{default_variant}' rows: "
+                   f"{', '.join(sorted(k[1] for k in own)) or 'none'}): {len(mine)} of {len(rivals)}"
+                   + (f" ({', '.join(mine)})" if mine else ""))
     for (_, setting), rs in sorted({k: v for k, v in rivals.items() if k[0] == "adalora"}.items()):
         ap, aa = _mean(rs, "params"), _mean(rs, "acc")
         (ds, drs), how = front_at(deb, ap)
@@ -554,13 +568,13 @@ def _verdict_lines(g, task, where):
     return out
 
 
-def verdicts(records, tasks):
+def verdicts(records, tasks, default_variant=None):
     """The issue's criteria per task: at each family's tuned lr (the protocol), then at every lr that
     LoRA r=8 and dEBORA share (a secondary view, labelled with that lr)."""
     out = []
     for task in tasks:
         g, chosen = tuned_groups(records, task)
-        lines = _verdict_lines(g, task, "each method at its tuned lr")
+        lines = _verdict_lines(g, task, "each method at its tuned lr", default_variant)
         if lines:
             lines[0] += " lrs: " + "; ".join(
                 f"{fam}{' ' + var if var else ''} {lr:g} ({how})" for (fam, var), (lr, how) in sorted(chosen.items()))
@@ -575,7 +589,7 @@ def verdicts(records, tasks):
             for r in rep:
                 if float(r["lr"]) == lr:
                     g_lr.setdefault((r["method"], r["setting"]), []).append(r)
-            out += _verdict_lines(g_lr, task, f"every method at lr {lr:g}")
+            out += _verdict_lines(g_lr, task, f"every method at lr {lr:g}", default_variant)
     return out
 
 
@@ -634,6 +648,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/fronts.md")
     ap.add_argument("--plot-dir", default="benchmarks/results")
     ap.add_argument("--report-only", action="store_true", help="table and plots from --json, no runs")
+    ap.add_argument("--default-variant", default=None,
+                    help="variant label of the dEBORA rows that ran the current default preset (e.g. "
+                         "'prune 10-70%%'): the verdict adds a dominance line counting those rows alone")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -724,7 +741,7 @@ def main(argv=None) -> int:
                             _run(spec(task, method, setting, seed, lrs[family(method)], "report"), records,
                                  json_files[0], written)
     text = (f"lr schedule of every run below: {here}\n\n" + table(records, tasks) + "\n\n"
-            + "\n".join(verdicts(records, tasks)) + "\n")
+            + "\n".join(verdicts(records, tasks, args.default_variant)) + "\n")
     plots = plot_fronts(records, tasks, args.plot_dir)
     with open(args.out, "w") as fh:
         fh.write(text)

@@ -37,6 +37,19 @@ def test_adalora_line_reads_the_front_at_adaloras_size(ada_acc, sign):
     assert "criterion 1 MET" in lines[0]          # 81.00% at 990 ≤ 7990 / 3 adapter params
 
 
+def test_dominance_by_the_default_alone_counts_only_the_default_rows():
+    g = {("lora-r8", "r=8"): _recs("lora-r8", "r=8", [0.80, 0.82], 8000),
+         ("lora-r2", "r=2"): _recs("lora-r2", "r=2", [0.78, 0.78], 2000),
+         ("debora", "target_rank=2 prune 10-70%"): _recs("debora", "target_rank=2 prune 10-70%", [0.77] * 2, 1900),
+         ("debora", "target_rank=2 other"): _recs("debora", "target_rank=2 other", [0.79] * 2, 1900)}
+    lines = fc._verdict_lines(g, "t", "test", default_variant="prune 10-70%")
+    any_line = next(l for l in lines if "dominance:" in l)
+    own_line = next(l for l in lines if "dominance by the default alone" in l)
+    assert "1 of 2" in any_line and "any of 2 settings" in any_line and "lora-r2 r=2" in any_line
+    assert own_line.endswith(": 0 of 2") and "target_rank=2 prune 10-70%" in own_line
+    assert not any("default alone" in l for l in fc._verdict_lines(g, "t", "test"))
+
+
 def _tune(method, setting, lr, accs, seeds=(100, 101, 102)):
     return [dict(task="t", method=method, setting=setting, seed=s, acc=a, lr=lr, phase="tune")
             for s, a in zip(seeds, accs)]
