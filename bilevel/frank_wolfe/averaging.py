@@ -89,7 +89,7 @@ class GradientAveraging:
         """Drop coordinates ``idx`` (global indices, as given to the solver's ``remove_coordinates``)."""
         if state.d is None:
             return state
-        idx = torch.as_tensor(idx, dtype=torch.long).flatten()
+        idx = torch.as_tensor(idx, dtype=torch.long).flatten().cpu()
         keep = torch.ones(state.d.numel(), dtype=torch.bool)
         if idx.numel():
             if int(idx.min()) < 0 or int(idx.max()) >= state.d.numel():

@@ -38,6 +38,7 @@ import torch
 
 import bilevel
 import debora
+from bilevel.frank_wolfe import GradientAveraging
 
 from . import checkpoint as ckpt
 from . import distributed as distmod
@@ -46,7 +47,6 @@ from .budget import scheduled_count, smallest_beyond
 from .lr_schedule import lr_factor
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
-from bilevel.frank_wolfe import GradientAveraging
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
 from .split import Sampler
