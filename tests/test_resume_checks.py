@@ -187,3 +187,31 @@ def test_inconsistent_tensors_are_refused(first_run, tmp_path, name, edit, match
     with pytest.raises(ValueError, match=match):
         train(cfg)
     assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("edit, match", [
+    ("shape", r"fw_avg.safetensors: d must be a finite float vector of shape"),
+    ("count", r"fw_avg_n must be an integer >= 1"),
+    ("missing", r"fw_avg.safetensors lacks the tensor 'd'"),
+])
+def test_an_edited_averaged_fw_gradient_is_refused(tmp_path, edit, match):
+    """fw_grad_averaging < 1: the checkpoint's d_n (fw_avg group) and its count are checked on resume."""
+    from safetensors.torch import save_file
+    cfg = tiny_config(tmp_path, max_iterations=2, eval_every=0, fw_grad_averaging=0.5,
+                      output_dir=str(tmp_path / "avg"))
+    out = train(cfg).output_dir
+    ck = os.path.join(out, "checkpoint")
+    state = json.load(open(os.path.join(ck, "state.json")))
+    assert state["fw_avg_n"] == 2
+    if edit == "shape":
+        _edit_tensors(out, "fw_avg.safetensors", lambda t: t.update({"d": t["d"][:-1].clone()}), tmp_path)
+    elif edit == "count":
+        state["fw_avg_n"] = 0
+        rewrite(ck, "state.json", json.dumps(state).encode())
+    else:
+        save_file({"other": torch.zeros(1)}, str(tmp_path / "t.safetensors"))
+        rewrite(ck, "fw_avg.safetensors", open(tmp_path / "t.safetensors", "rb").read())
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=match):
+        train(cfg.replace(resume="auto", max_iterations=3))
+    assert _snapshot(out) == before
