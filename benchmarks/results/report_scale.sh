@@ -16,7 +16,8 @@ for sched in constant linear; do
         --lr-schedule "$sched" --json "$files" --out "benchmarks/results/scale24_${sched}.md" \
         --plot-dir "benchmarks/results/scale24_${sched}" "${default[@]}"
 done
-six="/dev/null,$(ls benchmarks/results/scale_rt24_lin_debora{2,4}_prune1070*.json benchmarks/results/scale_rt24_lin_lora{2,4}*.json benchmarks/results/scale_rt24_lin_lora8.json | paste -sd, -),$tune"
+# exactly the four settings' seeds 0-2 and 3-5 files (a wider glob would take in later variants' records)
+six="/dev/null,$(ls benchmarks/results/scale_rt24_lin_debora{2,4}_prune1070{,_s345}.json benchmarks/results/scale_rt24_lin_lora{2,4}{,_s345}.json benchmarks/results/scale_rt24_lin_lora8.json | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes --lr-schedule linear \
     --json "$six" --out benchmarks/results/scale24_linear_6seeds_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_rt \
     --default-variant "prune 10-70%"
