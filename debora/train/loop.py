@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -38,7 +39,7 @@ import torch
 
 import bilevel
 import debora
-from bilevel.frank_wolfe import GradientAveraging
+from bilevel.frank_wolfe import AveragingState, GradientAveraging
 
 from . import checkpoint as ckpt
 from . import distributed as distmod
@@ -395,7 +396,7 @@ class Trainer:
             fw_solver.rule.gamma = self.cfg.fw_step_size * self.lr_factor_at(
                 (state.iteration + 1) * self.cfg.inner_steps - 1)
         gvec = state.layout.flatten(g).to(state.fw_state.x.dtype)
-        averaging = self.averaging()
+        averaging = self.averaging
         if averaging is not None:   # the LMO sees d_n = (1 − ρ) d_{n−1} + ρ g_n (stochastic FW, Mokhtari et al.)
             gvec, state.grad_avg = averaging.update(gvec, state.grad_avg or averaging.init())
         s_new, fw_state, info = fw_solver.step(gvec, state.fw_state, objective=objective)
@@ -411,8 +412,10 @@ class Trainer:
         self.write_s(s_new, state.layout)
         return info
 
+    @functools.cached_property
     def averaging(self):
-        """The FW gradient averaging (``fw_grad_averaging`` = ρ < 1), or None (ρ = 1: the gradient as is)."""
+        """The FW gradient averaging (``fw_grad_averaging`` = ρ < 1), or None (ρ = 1: the gradient as is);
+        built once (the config does not change during a run)."""
         rho = self.cfg.fw_grad_averaging
         return None if rho >= 1.0 else GradientAveraging(rho)
 
@@ -457,7 +460,7 @@ class Trainer:
         state.fw_state = fw_solver.remove_coordinates(state.fw_state, global_idx,
                                                       atol=self.cfg.truncate_atol)
         if state.grad_avg is not None:
-            state.grad_avg = self.averaging().remove_coordinates(state.grad_avg, global_idx)
+            state.grad_avg = self.averaging.remove_coordinates(state.grad_avg, global_idx)
         state.layout.remove(removed)
         self.write_s(state.fw_state.x, state.layout)
         # a fresh problem: bilevel's Estimator re-validates a changed structure with lower_batch=None
@@ -976,7 +979,6 @@ class Trainer:
 
 def _averaging_state_in(meta, group, total: int, x: torch.Tensor, path: str):
     """The averaged FW gradient (d_n, n) of a checkpoint, checked against the s layout; None if it has none."""
-    from bilevel.frank_wolfe import AveragingState
     n = meta.get("fw_avg_n")
     if group is None and n is None:
         return None
