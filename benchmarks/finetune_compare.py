@@ -6,8 +6,9 @@
     .venv/bin/python benchmarks/finetune_compare.py --tasks rotten-tomatoes,tweets --examples 1600 \
         --epochs 2 --seeds 3 --json benchmarks/results/fronts.json
 
-Methods (``--methods``): ``debora`` (one run per dEBORA setting: ``--target-ranks``, ``--taus`` and/or
-``--init-ranks`` (fixed r0, no count budget), or the default preset once if none is given), ``lora-rN`` for any N (PEFT LoRA, rank N on every
+Methods (``--methods``): ``debora`` (one run per dEBORA setting: ``--target-ranks``, ``--target-params``
+(budgets in adapter parameters), ``--taus`` and/or ``--init-ranks`` (fixed r0, no count budget), or the
+default preset once if none is given), ``lora-rN`` for any N (PEFT LoRA, rank N on every
 targeted layer), ``adalora`` (PEFT AdaLoRA, init_r = ``--adalora-init-r``, one run per target average
 rank in ``--adalora-target-rs``). Tasks (``--tasks``): packaged names (rotten-tomatoes, tweets,
 amazon, nyt, fashion-mnist) or local CSV/JSON paths (``--text-column``/``--label-column`` if the
@@ -271,6 +272,8 @@ def settings_of(method: str, args):
     if method == "debora":
         tag = f" {args.debora_label}" if args.debora_label else ""
         out = [(f"target_rank={r:g}{tag}", r, {"target_rank": r}) for r in args.target_ranks]
+        out += [(f"target_params={p}{tag}", p, {"target_params": p, "target_rank": None})
+                for p in args.target_params]
         out += [(f"tau={t:g}{tag}", t, {"tau": t}) for t in args.taus]
         out += [(f"init_rank={r}{tag}", r, {"init_rank": r, "target_rank": None}) for r in args.init_ranks]
         return out or [(f"preset{tag}", None, {})]
@@ -599,6 +602,8 @@ def main(argv=None) -> int:
                     help="comma-separated packaged task names or local CSV/JSON paths")
     ap.add_argument("--methods", default=DEFAULT_METHODS, help="debora, lora-rN (any N), adalora")
     ap.add_argument("--target-ranks", default="1,2,4", help="dEBORA settings: final average rank per adapter")
+    ap.add_argument("--target-params", default="", help="dEBORA settings: budgets in adapter parameters "
+                    "(target_params; e.g. a LoRA rank's size), optional")
     ap.add_argument("--taus", default="", help="dEBORA settings: τ values (paper's budget), optional")
     ap.add_argument("--init-ranks", default="", help="dEBORA settings: fixed ranks r0 without a count "
                     "budget (target_rank None; with --preset fixed-oblique: no selection at all), optional")
@@ -658,6 +663,7 @@ def main(argv=None) -> int:
         return 0
     args.target_ranks = [float(v) for v in args.target_ranks.split(",") if v]
     args.taus = [float(v) for v in args.taus.split(",") if v]
+    args.target_params = [int(v) for v in args.target_params.split(",") if v]
     args.init_ranks = [int(v) for v in args.init_ranks.split(",") if v]
     args.adalora_target_rs = [int(v) for v in args.adalora_target_rs.split(",") if v]
     tune_seeds = [int(v) for v in args.tune_seeds.split(",") if v]

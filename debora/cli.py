@@ -42,6 +42,12 @@ FLAGS = [
     ("--init-s", "init_s", float, "initial value of every s_i (default: the simplex barycentre)"),
     ("--target-rank", "target_rank", float, "final average rank per adapter (the rank budget as a "
                                             "count; cubic schedule from init-rank)"),
+    ("--target-params", "target_params", int, "the budget in adapter parameters instead (s and basis "
+                                              "columns of every adapter, head not counted; replaces "
+                                              "--target-rank; cubic schedule from init-rank)"),
+    ("--prune-allocation", "prune_allocation", str, "with --prune-by s: global (smallest s over all "
+                                                    "layers) | uniform (equal ranks; s picks within each "
+                                                    "layer) | s2_per_param (smallest s² per parameter)"),
     ("--prune-start", "prune_start", float, "fraction of the run where the rank schedule starts"),
     ("--prune-end", "prune_end", float, "fraction of the run where it reaches --target-rank"),
     ("--prune-by", "prune_by", str, "which components the count budget removes: s (smallest s) | svd "

@@ -736,3 +736,93 @@ def test_svd_unfold_false_cuts_the_folded_update(tmp_path):
     layers = debora.adapter_layers(res.model)
     assert sum(debora.rank_pattern(res.model).values()) == len(layers)
     assert all(l.folded and not l.refolded for l in layers.values())
+
+
+# -- the budget in parameters, and the allocation over layers (budget.py) -----------------------------
+def test_smallest_beyond_with_costs_removes_the_shortest_prefix_that_fits_the_parameter_budget():
+    s = torch.tensor([0.5, 0.1, 0.3, 0.2, 0.4], dtype=torch.float64)
+    cost = torch.tensor([10.0, 30.0, 10.0, 30.0, 10.0], dtype=torch.float64)
+    alive = torch.ones(5, dtype=torch.bool)
+    none = torch.zeros(5, dtype=torch.bool)
+    # live cost 90, keep 65: excess 25 -> the smallest s (0.1, cost 30) alone covers it
+    assert smallest_beyond(s, alive, 65, none, cost=cost).tolist() == [False, True, False, False, False]
+    # keep 30: excess 60 -> 0.1 (30), 0.2 (30): exactly 60, no third one
+    assert smallest_beyond(s, alive, 30, none, cost=cost).tolist() == [False, True, False, True, False]
+    # keep 29: excess 61 -> 0.1, 0.2 and 0.3 (70 removed, 20 left <= 29)
+    assert smallest_beyond(s, alive, 29, none, cost=cost).tolist() == [False, True, True, True, False]
+    # a protected component is never taken, even when the budget cannot be met without it
+    protected = torch.tensor([True, False, False, False, False])
+    assert smallest_beyond(s, alive, 0, protected, cost=cost).tolist() == [False, True, True, True, True]
+    assert not smallest_beyond(s, alive, 90, none, cost=cost).any()          # already within budget
+
+
+def test_allocation_keys_order_components_as_documented():
+    from debora.train.budget import allocation_key
+    s = torch.tensor([0.9, 0.1, 0.5, 0.02, 0.3, 0.6], dtype=torch.float64)
+    blocks = [slice(0, 3), slice(3, 4), slice(4, 6)]         # ranks 3, 1, 2
+    torch.testing.assert_close(allocation_key(s, blocks, "global"), s)
+    alive = torch.ones(6, dtype=torch.bool)
+    protected = torch.tensor([True, False, False, True, False, True])      # each block's largest
+    key = allocation_key(s, blocks, "uniform")
+    # uniform: the rank-3 block loses its smallest (0.1) first, then the rank-2 blocks' smallest: the
+    # first block's 0.5 and the third's 0.3 are both second in their blocks, and 0.3 < 0.5 goes first
+    assert smallest_beyond(key, alive, 5, protected).tolist() == [False, True, False, False, False, False]
+    assert smallest_beyond(key, alive, 4, protected).tolist() == [False, True, False, False, True, False]
+    assert smallest_beyond(key, alive, 3, protected).tolist() == [False, True, True, False, True, False]
+    # global on the same s would take 0.02's block first if it were not protected: 0.1, then 0.3
+    assert smallest_beyond(s, alive, 4, protected).tolist() == [False, True, False, False, True, False]
+    cost = torch.tensor([1.0, 1.0, 1.0, 100.0, 4.0, 4.0], dtype=torch.float64)
+    torch.testing.assert_close(allocation_key(s, blocks, "s2_per_param", cost), s ** 2 / cost)
+    with pytest.raises(ValueError, match="needs each component's cost"):
+        allocation_key(s, blocks, "s2_per_param")
+
+
+def test_target_params_and_prune_allocation_validation(tmp_path):
+    from debora.train import TrainConfig
+    for bad in (0, -5, 1.5, True, "many"):      # a wrong type is a TypeError (config_checks), a range ValueError
+        with pytest.raises((ValueError, TypeError), match="target_params"):
+            TrainConfig(target_params=bad)
+    with pytest.raises(ValueError, match="prune_allocation"):
+        TrainConfig(prune_allocation="by-size")
+    with pytest.raises(ValueError, match="prune_allocation='uniform' orders components by s"):
+        TrainConfig(prune_allocation="uniform", prune_by="svd")
+    # below one component per adapter (per-layer budget): refused before training, naming the least size
+    with pytest.raises(ValueError, match=r"target_params=100 is below the smallest adapter .* \(\d+ parameters"):
+        _run(tmp_path, "too_small", basis="oblique", init_s=0.01, target_params=100)
+
+
+@pytest.mark.slow
+def test_a_parameter_budget_lands_on_its_target_and_the_size_is_monotone_in_it(tmp_path):
+    """target_params: the final adapter costs at most P* and less than one component below it (from
+    P0 = 4 × 908 = 3,632; one component per layer costs 908 in all), for three budgets, monotone in P*;
+    target_rank (set too) is not used."""
+    sizes = []
+    for budget in (1200, 2000, 2800):
+        res = _run(tmp_path, f"p{budget}", basis="oblique", init_s=0.01, target_rank=3.0, target_params=budget)
+        layers = debora.adapter_layers(res.model)
+        costs = {layer.component_numel() for layer in layers.values()}
+        size = sum(layer.adapter_numel() for layer in layers.values())
+        assert size == res.summary["adapter_end"]
+        assert budget - max(costs) < size <= budget, (budget, size, costs)
+        assert all(torch.isfinite(p).all() for p in res.model.parameters())
+        sizes.append(size)
+    assert sizes[0] < sizes[1] < sizes[2]
+
+
+@pytest.mark.parametrize("target", [dict(target_rank=2.0), dict(target_params=1500)])
+def test_the_uniform_allocation_leaves_every_layer_at_the_same_rank(tmp_path, target):
+    """prune_allocation="uniform": the ranks of all layers differ by at most one at every point of the
+    schedule (and are equal at a count budget that divides evenly), while "global" lets them spread."""
+    import json
+    res = _run(tmp_path, "uniform", basis="oblique", init_s=0.01, prune_allocation="uniform",
+               prune_start=0.2, prune_end=0.8, **target)
+    ranks = set(debora.rank_pattern(res.model).values())
+    assert max(ranks) - min(ranks) <= 1
+    if "target_rank" in target:
+        assert ranks == {2}
+    rec = [r for r in map(json.loads, open(tmp_path / "uniform" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert len({r["total_rank"] for r in rec}) > 3                      # a gradual cut, several steps
+    # the same run with the global allocation spreads the ranks (seen: 1 to 4 and 1 to 3)
+    spread = _run(tmp_path, "global", basis="oblique", init_s=0.01, prune_start=0.2, prune_end=0.8, **target)
+    spread_ranks = debora.rank_pattern(spread.model).values()
+    assert max(spread_ranks) - min(spread_ranks) >= 2

@@ -24,6 +24,7 @@ Initialisation (ΔW = 0 at start, s feasible):
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -192,6 +193,10 @@ class AdapterLayer(nn.Module):
 
     def adapter_numel(self) -> int:
         return self.s.numel() + sum(getattr(self, n).numel() for n in self.basis_names)
+
+    def component_numel(self) -> int:
+        """Parameters one component costs: its s_i and one column of every basis (defined at rank 0)."""
+        return 1 + sum(math.prod(shape) for shape in self.basis_shapes(1).values())
 
     def describe(self) -> str:  # pragma: no cover - abstract
         raise NotImplementedError

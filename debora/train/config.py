@@ -22,6 +22,7 @@ FW_METHODS = ("away", "vanilla", "pairwise")
 FW_STEPS = ("short", "armijo", "open-loop", "constant")
 FW_STEP_SCHEDULES = ("constant", "lr")
 SPLITS = ("halves", "same")
+PRUNE_ALLOCATIONS = ("global", "uniform", "s2_per_param")
 TASKS = ("auto", "text", "image")
 
 
@@ -56,11 +57,20 @@ class TrainConfig:
                                            # the barycentre ε + τ/(n+1) for Euclidean ones); see DeboraConfig
     # -- rank budget as a count (budget.py): None = only the paper's rule (remove components at ε) ------
     target_rank: Optional[float] = 2.0     # final average rank per adapter, R* = target_rank × layers
+    target_params: Optional[int] = None    # or a budget in adapter parameters P* (every adapter's s and basis
+                                           # columns; the head not counted). When set it is the budget and
+                                           # target_rank is not used; the final size lands at most one
+                                           # component's cost below P*
     prune_start: float = 0.1               # fraction of the run where the cubic schedule k(n) starts
     prune_end: float = 0.7                 # ... and where it reaches R* (AdaLoRA's window: README round 9)
     prune_by: str = "s"                    # which components go first: smallest "s"; "svd": re-factorise the
                                            # layers that lose components (debora/refactor.py), smallest σ
                                            # first; "random" (ablation)
+    prune_allocation: str = "global"       # prune_by="s": which layers lose components: the smallest s over
+                                           # all layers ("global"), the highest-ranked layers first, so all
+                                           # end at equal ranks and s picks only which components a layer
+                                           # keeps ("uniform"), or the smallest s²/(parameters of the
+                                           # component) ("s2_per_param"); budget.py
     svd_allocation: str = "sigma"         # prune_by="svd": which components go first over all layers: the
                                            # smallest σ ("sigma"), or the smallest σ² per parameter a component
                                            # costs ("sigma2_per_param": energy kept per parameter); "uniform":
@@ -146,6 +156,7 @@ class TrainConfig:
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
                               ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
                               ("svd_allocation", ("sigma", "sigma2_per_param", "uniform")),
+                              ("prune_allocation", PRUNE_ALLOCATIONS),
                               ("refold_magnitudes", ("off", "init_s", "layer_total"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
@@ -217,6 +228,15 @@ class TrainConfig:
                 and math.isfinite(self.target_rank) and self.target_rank > 0):
             raise ValueError(f"target_rank (final average rank per adapter; None: the paper's rule only) "
                              f"must be a finite number > 0, got {self.target_rank!r}")
+        if self.target_params is not None and not (
+                isinstance(self.target_params, int) and not isinstance(self.target_params, bool)
+                and self.target_params >= 1):
+            raise ValueError(f"target_params (the adapter-parameter budget; None: use target_rank) must be an "
+                             f"integer >= 1, got {self.target_params!r}")
+        if self.prune_allocation != "global" and self.prune_by != "s":
+            raise ValueError(f"prune_allocation={self.prune_allocation!r} orders components by s and needs "
+                             f"prune_by='s', got prune_by={self.prune_by!r}; with prune_by='svd' use "
+                             "svd_allocation")
         if not (isinstance(self.prune_start, (int, float)) and isinstance(self.prune_end, (int, float))
                 and 0.0 <= self.prune_start < self.prune_end <= 1.0):
             raise ValueError(f"need 0 <= prune_start < prune_end <= 1 (fractions of the run), got "

@@ -44,7 +44,7 @@ from bilevel.frank_wolfe import AveragingState, GradientAveraging
 from . import checkpoint as ckpt
 from . import distributed as distmod
 from .batchnorm import recalibrate_batchnorm
-from .budget import scheduled_count, smallest_beyond
+from .budget import allocation_key, scheduled_count, smallest_beyond
 from .lr_schedule import lr_factor
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
@@ -175,6 +175,11 @@ class Trainer:
         self.total_iterations = min(total, cfg.max_iterations) if cfg.max_iterations else total
         tf = cfg.truncate_from      # n0: an iteration, or a fraction of the planned iterations
         self.n0 = (max(1, math.ceil(tf * total)) if isinstance(tf, float) and 0 < tf < 1 else int(tf))
+        if cfg.target_params is not None and cfg.target_params < self.smallest_adapter():
+            raise ValueError(f"target_params={cfg.target_params} is below the smallest adapter this model can "
+                             f"keep under budget={cfg.budget!r} ({self.smallest_adapter()} parameters: "
+                             f"{'one component per adapter' if cfg.budget == 'per_layer' else 'one component'}); "
+                             "raise target_params, adapt fewer modules (target_modules) or use budget='global'")
 
     # -- small helpers ----------------------------------------------------------------------------
     def autocast(self):
@@ -432,9 +437,10 @@ class Trainer:
         # the FW set keeps >= 1 coordinate per block (per-layer budget) / overall (global budget)
         slices = ([slice(o, o + k) for o, k in zip(state.layout.offsets.values(), state.layout.sizes)]
                   if self.cfg.budget == "per_layer" else [slice(0, x.numel())])
-        if self.cfg.target_rank is not None:
-            # the count budget decides how many go, s decides which: components at the floor (smallest
-            # s) first, so they stay available to Frank-Wolfe until the schedule needs their room
+        if self.has_budget:
+            # the budget (count or parameters) decides how many go, s decides which: components at the
+            # floor (smallest s) first, so they stay available to Frank-Wolfe until the schedule needs
+            # their room
             mask = self.enforce_rank_budget(state, slices)
             x = state.fw_state.x.detach().cpu()
         for sl in slices:
@@ -468,12 +474,36 @@ class Trainer:
         self.rewrap()   # new Parameters: DDP's hooks were on the old ones (pytorch#12603)
         return int(idx.numel())
 
+    @property
+    def has_budget(self) -> bool:
+        """A budget the user set: ``target_rank`` (a count) or ``target_params`` (parameters)."""
+        return self.cfg.target_params is not None or self.cfg.target_rank is not None
+
+    def component_costs(self, layout: SLayout) -> torch.Tensor:
+        """c_i of every live component, in s order: the parameters it costs (its s_i and one column of
+        each basis; budget.py)."""
+        layers = debora.adapter_layers(self.model)
+        return torch.cat([torch.full((size,), float(layers[name[: -len(".s")]].component_numel()),
+                                     dtype=torch.float64) for name, size in zip(layout.names, layout.sizes)]
+                         ) if layout.names else torch.zeros(0, dtype=torch.float64)
+
+    def smallest_adapter(self) -> int:
+        """Adapter parameters when every adapter keeps one component (per-layer budget) or only the
+        cheapest one does (global budget): the least ``target_params`` can reach."""
+        costs = [layer.component_numel() for layer in debora.adapter_layers(self.model).values()]
+        return (sum(costs) if self.cfg.budget == "per_layer" else min(costs)) if costs else 0
+
     def rank_budget(self, iteration: int) -> int:
-        """k(n): the live components allowed after ``iteration`` (budget.py; needs ``target_rank``)."""
+        """k(n): the live components allowed after ``iteration``, or with ``target_params`` P(n), the
+        live adapter parameters allowed (budget.py; needs ``target_rank`` or ``target_params``)."""
         cfg = self.cfg
-        layers = len(debora.adapter_layers(self.model))
-        target = max(1, int(round(cfg.target_rank * layers)))
-        return scheduled_count(iteration, self.total_iterations, cfg.init_rank * layers, target,
+        layers = debora.adapter_layers(self.model)
+        if cfg.target_params is not None:
+            start = cfg.init_rank * sum(layer.component_numel() for layer in layers.values())
+            return scheduled_count(iteration, self.total_iterations, start, int(cfg.target_params),
+                                   cfg.prune_start, cfg.prune_end)
+        target = max(1, int(round(cfg.target_rank * len(layers))))
+        return scheduled_count(iteration, self.total_iterations, cfg.init_rank * len(layers), target,
                                cfg.prune_start, cfg.prune_end)
 
     def enforce_rank_budget(self, state: TrainState, slices) -> torch.Tensor:
@@ -482,7 +512,9 @@ class Trainer:
         k = self.rank_budget(state.iteration)
         x = state.fw_state.x.detach().cpu()
         alive = torch.ones_like(x, dtype=torch.bool)
-        if int(alive.sum()) <= k:
+        costs = self.component_costs(state.layout)
+        per_param = self.cfg.target_params is not None
+        if (float(costs.sum()) if per_param else int(alive.sum())) <= k:
             return torch.zeros_like(alive)
         fw_state = state.fw_state
         S = fw_state.set
@@ -495,12 +527,16 @@ class Trainer:
                 key = torch.rand(x.shape, generator=gen, dtype=x.dtype)
             elif self.cfg.prune_by == "svd":     # σ of each layer's ΔW (descending): its cheapest cuts last
                 key = self.singular_key(state.layout, unfold).to(x.dtype)
+            else:                                # s, allocated over the layers by prune_allocation
+                blocks = [slice(o, o + n) for o, n in zip(state.layout.offsets.values(), state.layout.sizes)]
+                key = allocation_key(x, blocks, self.cfg.prune_allocation, costs)
             size = key if self.cfg.prune_by == "svd" else x   # what "largest" means for the protection
             protected = torch.zeros_like(alive)
             for sl in slices:                         # a block's largest live component always stays
                 if x[sl].numel():
                     protected[sl.start + int(torch.argmax(size[sl]))] = True
-            return key, smallest_beyond(key, alive, k, protected, generator=gen)
+            return key, smallest_beyond(key, alive, k, protected, generator=gen,
+                                        cost=costs if per_param else None)
 
         def losing(force):
             offsets = state.layout.offsets
