@@ -826,3 +826,49 @@ def test_the_uniform_allocation_leaves_every_layer_at_the_same_rank(tmp_path, ta
     spread = _run(tmp_path, "global", basis="oblique", init_s=0.01, prune_start=0.2, prune_end=0.8, **target)
     spread_ranks = debora.rank_pattern(spread.model).values()
     assert max(spread_ranks) - min(spread_ranks) >= 2
+
+
+def test_the_oblique_svd_preset_on_the_packaged_cnn_cuts_gradually_to_a_parameter_budget(tmp_path, monkeypatch):
+    """`--preset oblique-svd` (images, round 11): oblique CP adapters from r0 with s held at 1, cut by the
+    SVD of what training changed over several iterations of the 10-70% window, σ² per parameter over all
+    layers; with target_params the final adapter lands at most one component below the budget, and the
+    survivors of every cut layer share its initial Σs = r0 (refold layer_total)."""
+    import json
+    from debora.train import TrainConfig
+    from debora.train.config import PRESETS
+    from test_train_tiny import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path, train=96, test=16)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    common = dict(dataset="fashion-mnist", init_rank=4, epochs=2.0, batch_size=8, image_size=32, eval_every=0,
+                  progress=False, plots=False, seed=0, device="cpu")
+    start = TrainConfig(**dict(PRESETS["oblique-svd"], **common, output_dir=str(tmp_path / "probe"),
+                               max_iterations=1, target_rank=None))
+    layers = debora.adapter_layers(train(start).model)
+    costs = [layer.component_numel() for layer in layers.values()]
+    budget = 2 * sum(costs)                     # half of r0 = 4's size
+    cfg = TrainConfig(**dict(PRESETS["oblique-svd"], **common, target_params=budget,
+                             output_dir=str(tmp_path / "run")))
+    res = train(cfg)
+    layers = debora.adapter_layers(res.model)
+    size = sum(layer.adapter_numel() for layer in layers.values())
+    assert budget - max(costs) < size <= budget
+    rec = [r for r in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if r["kind"] == "train"]
+    assert len({r["total_rank"] for r in rec}) > 3                      # a gradual cut, several steps
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+    for layer in layers.values():
+        if 0 < layer.rank < 4:
+            torch.testing.assert_close(layer.s.detach().sum().double(), torch.tensor(4.0, dtype=torch.float64))
+
+
+def test_the_cli_uses_the_image_preset_for_image_tasks_without_a_preset(capsys):
+    from debora.cli import build_parser, config_from_args
+    cfg = config_from_args(build_parser().parse_args(["train", "--dataset", "fashion-mnist"]))
+    assert cfg.preset == "oblique-svd" and cfg.prune_by == "svd" and cfg.init_s == 1.0
+    assert "using --preset oblique-svd" in capsys.readouterr().err
+    cfg = config_from_args(build_parser().parse_args(["train", "--dataset", "x.csv", "--task", "image"]))
+    assert cfg.preset == "oblique-svd"
+    for argv in (["train", "--dataset", "fashion-mnist", "--preset", "default"], ["train"],
+                 ["train", "--dataset", "x.csv"]):
+        cfg = config_from_args(build_parser().parse_args(argv))
+        assert cfg.prune_by == "s" and cfg.preset in (None, "default")
