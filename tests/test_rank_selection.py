@@ -789,6 +789,7 @@ def test_target_params_and_prune_allocation_validation(tmp_path):
     # below one component per adapter (per-layer budget): refused before training, naming the least size
     with pytest.raises(ValueError, match=r"target_params=100 is below the smallest adapter .* \(\d+ parameters"):
         _run(tmp_path, "too_small", basis="oblique", init_s=0.01, target_params=100)
+    assert not (tmp_path / "too_small").exists()          # refused before the output directory is written
 
 
 @pytest.mark.slow
@@ -804,6 +805,8 @@ def test_a_parameter_budget_lands_on_its_target_and_the_size_is_monotone_in_it(t
         size = sum(layer.adapter_numel() for layer in layers.values())
         assert size == res.summary["adapter_end"]
         assert budget - max(costs) < size <= budget, (budget, size, costs)
+        assert f"| budget | target_params {budget:,} adapter parameters (ended at {size:,}," in \
+            (tmp_path / f"p{budget}" / "summary.md").read_text()
         assert all(torch.isfinite(p).all() for p in res.model.parameters())
         sizes.append(size)
     assert sizes[0] < sizes[1] < sizes[2]
@@ -820,6 +823,8 @@ def test_the_uniform_allocation_leaves_every_layer_at_the_same_rank(tmp_path, ta
     assert max(ranks) - min(ranks) <= 1
     if "target_rank" in target:
         assert ranks == {2}
+        assert "| budget | target_rank 2 (24 components over 12 adapters) |" in \
+            (tmp_path / "uniform" / "summary.md").read_text()
     rec = [r for r in map(json.loads, open(tmp_path / "uniform" / "metrics.jsonl")) if r["kind"] == "train"]
     assert len({r["total_rank"] for r in rec}) > 3                      # a gradual cut, several steps
     # the same run with the global allocation spreads the ranks (seen: 1 to 4 and 1 to 3)

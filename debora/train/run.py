@@ -242,6 +242,8 @@ def _summary(trainer, state, model, cfg, info, task, device, out, t_start) -> Di
         "iterations": state.iteration, "estimator": trainer.estimator_name, "fw": cfg.fw,
         "fw_step": cfg.fw_step, "budget": cfg.budget, "basis": cfg.basis, "tau": cfg.tau,
         "eps": cfg.eps, "init_rank": cfg.init_rank, "preset": cfg.preset,
+        "target_rank": cfg.target_rank if cfg.target_params is None else None,
+        "target_params": cfg.target_params, "layers": len(debora.adapter_layers(model)),
         "eval_acc_start": hist.get("eval_start", {}).get("eval_acc"),
         "eval_loss_start": hist.get("eval_start", {}).get("eval_loss", float("nan")),
         "eval_acc_end": hist.get("eval_end", {}).get("eval_acc"),

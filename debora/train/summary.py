@@ -10,6 +10,18 @@ def _fmt_pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _budget(summary: Dict[str, Any]) -> str:
+    """The budget the user set and where the run landed against it."""
+    if summary.get("target_params") is not None:
+        p, end = summary["target_params"], summary.get("adapter_end")
+        return f"target_params {p:,} adapter parameters (ended at {end:,}, {100 * end / p:.1f}%)"
+    if summary.get("target_rank") is not None:
+        layers = summary.get("layers") or 0
+        target = max(1, round(summary["target_rank"] * layers))
+        return f"target_rank {summary['target_rank']:g} ({target} components over {layers} adapters)"
+    return "none (the paper's rule: components at ε are removed)"
+
+
 def render(summary: Dict[str, Any]) -> str:
     lines = ["# dEBORA training summary", ""]
     lines += ["| metric | value |", "|---|---|"]
@@ -29,6 +41,7 @@ def render(summary: Dict[str, Any]) -> str:
         ("adapter parameters: start → end", f"{summary.get('adapter_start'):,} → "
                                             f"{summary.get('adapter_end'):,}"),
         ("total rank: start → end", f"{summary.get('rank_start')} → {summary.get('rank_end')}"),
+        ("budget", _budget(summary)),
         ("final FW gap", "n/a" if summary.get("fw_gap_end") is None else f"{summary['fw_gap_end']:.3g}"),
         ("skipped non-finite steps", summary.get("nonfinite_skipped")),
         ("wall time", f"{summary.get('wall_time_s', 0):.1f} s"),
