@@ -252,15 +252,17 @@ def test_frank_wolfe_steps_on_the_averaged_gradient(tmp_path):
 
 # -- exact resume in the default regime (fused first-order, count budget) -------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("rho", [1.0, 0.2])
-def test_resume_in_the_default_regime_reproduces_the_run(tmp_path, rho):
-    """rho < 1: the averaged FW gradient d_n travels with the checkpoint and loses truncated coordinates."""
+@pytest.mark.parametrize("rho, budget", [(1.0, {}), (0.2, {}),
+                                         (1.0, dict(target_params=1500, prune_allocation="s2_per_param"))])
+def test_resume_in_the_default_regime_reproduces_the_run(tmp_path, rho, budget):
+    """rho < 1: the averaged FW gradient d_n travels with the checkpoint and loses truncated coordinates;
+    a parameter budget with the s²-per-parameter allocation resumes as exactly as the count budget."""
     from debora.train.metrics import read_metrics
     kw = dict(epochs=2.0, max_iterations=12, basis="oblique", init_s=0.01, tau=1.0, target_rank=2.0,
               split="same", estimator="first-order", fw_step="constant", fw_step_size=0.05,
               budget="per_layer", truncate_from=0.1, eval_every=0, checkpoint_every=5,
               lr_schedule="linear", warmup=0.1,      # the default's decaying lr, from the checkpoint on
-              fw_grad_averaging=rho)
+              fw_grad_averaging=rho, **budget)
     a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
     assert a.trainer.fused
 
