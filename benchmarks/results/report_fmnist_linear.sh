@@ -11,16 +11,17 @@ files="/dev/null,$(ls benchmarks/results/fronts_fmnist11_*.json benchmarks/resul
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
     --json "$files" --out benchmarks/results/fmnist10_linear.md --plot-dir benchmarks/results/fmnist10_linear \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
-# round 11: fresh seeds 3-5 for LoRA and the three oblique-svd settings that decide the verdict (chosen on
-# seeds 0-2), pooled with their seeds 0-2: a six-seed table of exactly those settings (lrs from the same
-# tuning records)
+# round 11: fresh seeds 3-5 for LoRA and the oblique-svd settings (the variant was chosen on seeds 0-2),
+# pooled with their seeds 0-2: a six-seed table of exactly those settings (lrs from the same tuning records)
 six=$(mktemp --suffix=.json)
 .venv/bin/python - "$six" <<'PY'
 import glob, json, sys
-keep = ("target_params=22784 ", "target_params=45568 ", "target_rank=4 oblique s1 r0=8, svd cut 10-70%, refold")
+keep = tuple(f"{s} oblique s1 r0=8, svd cut 10-70%, refold" for s in (
+    "target_params=22784", "target_params=45568", "target_params=60757", "target_params=91136",
+    "target_params=182272", "target_rank=1", "target_rank=2", "target_rank=4"))
 files = ["benchmarks/results/fronts_fmnist10_lin_lora.json", "benchmarks/results/fronts_fmnist11_tune_svd8_s2pp.json",
          *sorted(glob.glob("benchmarks/results/fronts_fmnist11_s345_*.json")),
-         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_svd8_s2pp1070_*.json"))]
+         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_svd8_s2pp1070*.json"))]
 recs = [r for f in files for r in json.load(open(f))
         if r["method"] != "debora" or r.get("phase") == "tune" or r["setting"].startswith(keep)]
 json.dump(recs, open(sys.argv[1], "w"))
