@@ -879,3 +879,19 @@ def test_the_cli_uses_the_image_preset_for_image_tasks_without_a_preset(capsys):
                  ["train", "--dataset", "x.csv"]):
         cfg = config_from_args(build_parser().parse_args(argv))
         assert cfg.prune_by == "s" and cfg.preset in (None, "default")
+
+
+def test_an_image_task_with_the_text_default_warns_and_names_the_image_preset(tmp_path, monkeypatch):
+    import warnings
+    from debora.train import TrainConfig
+    from debora.train.run import prepare
+    from test_train_tiny import write_fake_fashion_mnist
+
+    write_fake_fashion_mnist(tmp_path, train=32, test=8)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    common = dict(dataset="fashion-mnist", image_size=32, device="cpu", output_dir=str(tmp_path / "run"))
+    with pytest.warns(UserWarning, match=r"from_preset\('oblique-svd'"):
+        prepare(TrainConfig(**common), torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*oblique-svd.*")
+        prepare(TrainConfig.from_preset("oblique-svd", **common), torch.device("cpu"))
