@@ -207,6 +207,12 @@ class Trainer:
         return (Sampler(len(self.d1), b, cfg.seed, stream=1), Sampler(len(self.d2), b, cfg.seed, stream=2),
                 Sampler(len(self.d2), b, cfg.seed, stream=3))
 
+    @functools.cached_property
+    def layers(self) -> Dict[str, Any]:
+        """``debora.adapter_layers(model)``, walked once: truncation, SVD cuts and refolds change the
+        adapters' parameters in place, never which modules are adapters (a layer at rank 0 stays one)."""
+        return debora.adapter_layers(self.model)
+
     def rewrap(self) -> None:
         """(Re)build the DDP wrapper over the current lower Parameters (after a truncation or a load:
         DDP's hooks stay on the Parameter objects it was built with)."""
@@ -482,7 +488,7 @@ class Trainer:
     def component_costs(self, layout: SLayout) -> torch.Tensor:
         """c_i of every live component, in s order: the parameters it costs (its s_i and one column of
         each basis; budget.py)."""
-        layers = debora.adapter_layers(self.model)
+        layers = self.layers
         return torch.cat([torch.full((size,), float(layers[name[: -len(".s")]].component_numel()),
                                      dtype=torch.float64) for name, size in zip(layout.names, layout.sizes)]
                          ) if layout.names else torch.zeros(0, dtype=torch.float64)
@@ -490,14 +496,14 @@ class Trainer:
     def smallest_adapter(self) -> int:
         """Adapter parameters when every adapter keeps one component (per-layer budget) or only the
         cheapest one does (global budget): the least ``target_params`` can reach."""
-        costs = [layer.component_numel() for layer in debora.adapter_layers(self.model).values()]
+        costs = [layer.component_numel() for layer in self.layers.values()]
         return (sum(costs) if self.cfg.budget == "per_layer" else min(costs)) if costs else 0
 
     def rank_budget(self, iteration: int) -> int:
         """k(n): the live components allowed after ``iteration``, or with ``target_params`` P(n), the
         live adapter parameters allowed (budget.py; needs ``target_rank`` or ``target_params``)."""
         cfg = self.cfg
-        layers = debora.adapter_layers(self.model)
+        layers = self.layers
         if cfg.target_params is not None:
             start = cfg.init_rank * sum(layer.component_numel() for layer in layers.values())
             return scheduled_count(iteration, self.total_iterations, start, int(cfg.target_params),
@@ -554,7 +560,7 @@ class Trainer:
             # in ΔW − ΔW0 (what training changed) and unfolded, unless the unfolded s = σ(ΔW − ΔW0)
             # would leave the Frank-Wolfe set (σ(ΔW − ΔW0) is not bounded by Σ s); then in ΔW
             # (folded: Σσ(ΔW) ≤ Σ s), with a warning.
-            layers = debora.adapter_layers(self.model)
+            layers = self.layers
             names = losing(force)
             if unfold and any(layers[n].folded for n in names):
                 # s after the cut: σ(ΔW − ΔW0) of each folded losing layer (or the refolded s0), the
@@ -605,7 +611,7 @@ class Trainer:
     def singular_key(self, layout: SLayout, unfold: bool = False) -> torch.Tensor:
         """σ(ΔW)/scaling of every adapter (descending per layer; CP adapters with a kernel larger than
         1×1: their s), in s order; ``unfold``: σ(ΔW − ΔW0)/scaling of folded layers (their leading r)."""
-        layers = debora.adapter_layers(self.model)
+        layers = self.layers
         chosen = [layers[name[: -len(".s")]] for name in layout.names]
         no_svd = [n for n, layer in zip(layout.names, chosen) if layer.rank and not has_svd(layer)]
         if no_svd and not getattr(self, "_warned_no_svd", False):
@@ -679,7 +685,7 @@ class Trainer:
     def counts(self) -> Dict[str, int]:
         lower = sum(p.numel() for p in debora.lower_parameters(self.model).values())
         upper = sum(p.numel() for p in debora.upper_parameters(self.model).values())
-        adapters = sum(layer.adapter_numel() for layer in debora.adapter_layers(self.model).values())
+        adapters = sum(layer.adapter_numel() for layer in self.layers.values())
         return {"trainable": lower + upper, "adapter": adapters, "lower": lower, "upper": upper}
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -715,7 +721,7 @@ class Trainer:
         meta = {"iteration": state.iteration, "fw_layout": fw_layout, "optimizer": opt_meta,
                 "layout": state.layout.state_dict(), "ranks": debora.rank_pattern(self.model),
                 # oblique/Stiefel layers whose ΔW0 was unfolded by an SVD cut (refactor.py)
-                "unfolded": sorted(n for n, l in debora.adapter_layers(self.model).items()
+                "unfolded": sorted(n for n, l in self.layers.items()
                                    if l.basis != "euclidean" and not l.folded),
                 "samplers": {"d1": state.d1.state_dict(), "d2": state.d2.state_dict(),
                              "d2_est": state.d2_est.state_dict()},
@@ -732,7 +738,7 @@ class Trainer:
         # seed, but an SVD cut with refold_magnitudes folds another (refactor.refold_magnitudes_): those
         # layers' folded factors and base weights are saved (the weight exactly as it is)
         folded = {}
-        for n, l in debora.adapter_layers(self.model).items():
+        for n, l in self.layers.items():
             if l.folded and l.refolded:
                 folded.update({f"{n}.{b}0": t.detach() for b, t in l.init_factors().items()})
                 folded[f"{n}.base_weight"] = l.weight_ref.detach()
@@ -807,7 +813,7 @@ class Trainer:
         S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
         resume_checks.check_fw(fw_fields, S, layout, tensors["model"], path)
         # adapters back to the saved ranks, then the saved values
-        layers = debora.adapter_layers(self.model)
+        layers = self.layers
         for name, r in meta["ranks"].items():
             if name not in layers:
                 raise ValueError(f"checkpoint {path!r} has an adapter {name!r} that this model lacks; "
