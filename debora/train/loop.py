@@ -622,8 +622,7 @@ class Trainer:
                           "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
         parts = [debora.singular_values(layer, unfold).cpu() for layer in chosen]
         if self.cfg.svd_allocation == "sigma2_per_param":   # energy kept per parameter of the component
-            parts = [p ** 2 / (layer.adapter_numel() / layer.rank) if layer.rank else p
-                     for p, layer in zip(parts, chosen)]
+            parts = [p ** 2 / layer.component_numel() if layer.rank else p for p, layer in zip(parts, chosen)]
         elif self.cfg.svd_allocation == "uniform":   # the highest-ranked layers' σ-tails first: equal ranks
             parts = [-torch.arange(layer.rank, dtype=p.dtype) + p / (1.0 + p) for p, layer in
                      zip(parts, chosen)]
