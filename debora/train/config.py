@@ -110,7 +110,7 @@ class TrainConfig:
     truncate_every: int = 1
     truncate_atol: Optional[float] = None  # None: at the floor = vertex weight exactly 0 (after a drop)
     # -- lower optimizer ------------------------------------------------------------------------------
-    lr: float = 5e-4
+    lr: float = 3e-3                       # tuned on Rotten Tomatoes seeds 100-102 (README round 11; demo round 12)
     weight_decay: float = 1e-3
     head_lr: Optional[float] = None        # None = lr
     lr_schedule: str = "linear"            # constant | linear | cosine: decay to 0 over the run's
@@ -310,7 +310,8 @@ class TrainConfig:
 # (average final rank per adapter) reached on a cubic schedule between 10% and 70% of the run (AdaLoRA's
 # window: the last 30% trains at the final ranks), each cut taken by the SVD of what training changed
 # (ΔW − ΔW0), the components with the least σ² per parameter first over all layers, the survivors sharing
-# their layer's initial Σs (the rest folded into W), and an lr that decays linearly to 0. Rounds 11-12:
+# their layer's initial Σs (the rest folded into W), and an lr of 3e-3 (tuned by the protocol on three
+# seeds; make demo 85.50% against 84.80% at 5e-4) that decays linearly to 0. Rounds 11-12:
 # at the same magnitude this selection is as good as Frank-Wolfe on s at targets 1-2 and better at 4.
 # ``bilevel``: the default through round 11, the upper level as the paper means it: s moved by
 # away-step Frank-Wolfe (constant step 0.05) on the first-order hypergradient (D1 = D2: exact at the lower
@@ -331,7 +332,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   budget="global", basis="euclidean", init_rank=8, tau=16.0, eps=1e-3, inner_steps=1,
                   lr=1e-3, target_rank=None, truncate_from=10, fused_first_order=False,
                   lr_schedule="constant", **_BILEVEL_SELECTION),
-    "bilevel": dict(_BILEVEL_SELECTION),
+    "bilevel": dict(_BILEVEL_SELECTION, lr=5e-4),     # its demo lr (its tuned 2,400 x 3 lr: 3e-3)
     "default": dict(max_examples=4000, epochs=2.0, batch_size=32, max_length=48, eval_every=125,
                     max_eval_examples=1000, threads=1),
     # README, "Rank selection", round 2: train the rank-r0 adapter as LoRA trains (Euclidean bases,
@@ -343,7 +344,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "svd-cut": dict(basis="euclidean", init_s=1.0, budget="global", tau=1e6, fw_step="constant",
                     fw_step_size=0.0, prune_by="svd", prune_start=0.99, prune_end=1.0, split="same",
                     estimator="first-order", lr_schedule="constant", svd_allocation="sigma",
-                    refold_magnitudes="off"),
+                    refold_magnitudes="off", lr=5e-4),
     # README, "Rank selection", round 5: the oblique CP/matrix adapter at a fixed rank r0 with its
     # magnitudes held at s = 1 (α·s/r0 per component, LoRA's size): no Frank-Wolfe step, no cut, no
     # selection. The bases train on the unit sphere (Riemannian steps), s stays put. On Fashion-MNIST it
@@ -351,7 +352,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # worse than the default. Set the size with --init-rank.
     "fixed-oblique": dict(basis="oblique", init_s=1.0, budget="global", tau=1e6, fw_step="constant",
                           fw_step_size=0.0, target_rank=None, split="same", estimator="first-order",
-                          lr_schedule="constant", refold_magnitudes="off"),
+                          lr_schedule="constant", refold_magnitudes="off", lr=5e-4),
     # README, "Rank selection", round 11 (images): oblique adapters from r0 = 8 at LoRA-sized
     # magnitudes (s held at 1: α·s/r0 per component; the default's s ≈ 0.01-0.1 is what cost it ~7
     # points on Fashion-MNIST), cut gradually over 10-70% of the run to the budget by the SVD of what
