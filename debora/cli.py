@@ -39,7 +39,8 @@ FLAGS = [
     ("--budget", "budget", str, "global | per_layer"),
     ("--basis", "basis", str, "euclidean | oblique | stiefel"),
     ("--alpha", "alpha", float, "LoRA-style scale α (update scaled by α/r0)"),
-    ("--init-s", "init_s", float, "initial value of every s_i (default: the simplex barycentre)"),
+    ("--init-s", "init_s", float, "initial value of every s_i (default 0.1: with s held, each "
+                                       "component's magnitude α·s/r0)"),
     ("--target-rank", "target_rank", float, "final average rank per adapter (the rank budget as a "
                                             "count; cubic schedule from init-rank)"),
     ("--target-params", "target_params", int, "the budget in adapter parameters instead (s and basis "
@@ -50,16 +51,18 @@ FLAGS = [
                                                     "layer) | s2_per_param (smallest s² per parameter)"),
     ("--prune-start", "prune_start", float, "fraction of the run where the rank schedule starts"),
     ("--prune-end", "prune_end", float, "fraction of the run where it reaches --target-rank"),
-    ("--prune-by", "prune_by", str, "which components the count budget removes: s (smallest s) | svd "
-                                    "(smallest singular values, each cut layer re-factorised) | random"),
+    ("--prune-by", "prune_by", str, "which components the budget removes: svd (default: smallest by "
+                                    "--svd-allocation, each cut layer re-factorised) | s (smallest s, "
+                                    "the bilevel preset) | random"),
     ("--svd-allocation", "svd_allocation", str, "with --prune-by svd: sigma (smallest σ over all layers) | "
-                                                "sigma2_per_param (smallest σ² per parameter of a component) | uniform (each "
+                                                "sigma2_per_param (default: smallest σ² per parameter of a component) | uniform (each "
                                                 "layer's σ-tail in turn: equal ranks)"),
     ("--refold-magnitudes", "refold_magnitudes", str, "with --prune-by svd, s held and oblique/Stiefel "
                                                       "bases: the survivors of a cut get s = init-s back "
                                                       "(init_s) or share their layer's initial Σs "
                                                       "(layer_total), the difference folded into the base "
-                                                      "weight (the model is unchanged); off (default)"),
+                                                      "weight (the model is unchanged); off; auto (default: layer_total "
+                                                      "where it applies, else off)"),
     ("--split", "split", str, "halves (D1, D2 equal random halves) | same (D1 = D2)"),
     ("--estimator", "estimator", str, "hypergradient estimator (bilevel.estimators.available())"),
     ("--estimator-options", "estimator_options", json.loads, "JSON dict of estimator options"),
@@ -67,7 +70,8 @@ FLAGS = [
     ("--fw", "fw", str, "away | vanilla | pairwise"),
     ("--fw-step", "fw_step", str, "short | armijo | open-loop | constant"),
     ("--fw-lipschitz", "fw_lipschitz", float, "M of the short step"),
-    ("--fw-step-size", "fw_step_size", float, "step of --fw-step constant"),
+    ("--fw-step-size", "fw_step_size", float, "step of --fw-step constant; 0 (default) holds s at --init-s "
+                                                "(no Frank-Wolfe step; --preset bilevel: 0.05)"),
     ("--fw-step-schedule", "fw_step_schedule", str, "constant | lr: the constant FW step as is, or scaled "
                                                     "by the lower lr's schedule factor"),
     ("--fw-grad-averaging", "fw_grad_averaging", float, "ρ in (0, 1]: Frank-Wolfe steps on the average "

@@ -27,8 +27,8 @@ import debora  # noqa: E402
 from debora.train import train  # noqa: E402
 from debora.train.models import forward, loss_fn  # noqa: E402
 
-# the project's default algorithm (oblique bases, D1 = D2, fused first-order, per-layer budget,
-# constant FW step, target_rank on the cubic schedule) on the tiny BERT (no dropout)
+# the bilevel preset's algorithm (the default through round 11: oblique bases, D1 = D2, fused first-order,
+# per-layer budget, constant FW step on s, target_rank on the cubic schedule) on the tiny BERT (no dropout)
 DEFAULT = dict(estimator="first-order", budget="per_layer", basis="oblique", split="same",
                fw_step="constant", tau=1.0, target_rank=2.0, truncate_from=0.1, epochs=1.0, batch_size=8,
                eval_every=5)
@@ -37,6 +37,10 @@ CG = dict(DEFAULT, estimator="cg", split="halves", fused_first_order=False,
 SNEUMANN = dict(DEFAULT, estimator="stochastic-neumann", fused_first_order=False,
                 estimator_options={"terms": 3, "eta": 0.05, "mode": "ghadimi-wang"})
 RESUME = {"first-order": DEFAULT, "cg": CG, "stochastic-neumann": SNEUMANN}
+# the round-12 default's selection: s held at 0.1 (no FW step), the budget cut by the SVD of what
+# training changed (σ² per parameter), the survivors refolded to their layer's initial Σs
+SVD = dict(DEFAULT, init_s=0.1, fw_step_size=0.0, prune_by="svd", svd_allocation="sigma2_per_param",
+           refold_magnitudes="auto")
 
 
 class Stop(Exception):
@@ -94,6 +98,8 @@ def main(base: str) -> None:
         report["default_removed"] = res.summary["rank_start"] - res.summary["rank_end"]
         # 2. an implicit estimator (CG, warm start) with D1/D2 halves
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_cg"), **CG))
+        # 2b. the default's SVD cut (every rank re-factorises the same layers the same way)
+        train(tiny_config(tmp, output_dir=str(tmp / "ddp_svd"), **SVD))
         # 3. interrupted and resumed runs of three estimators, against uninterrupted ones
         for name, over in RESUME.items():
             full = tiny_config(tmp, output_dir=str(tmp / f"full_{name}"), checkpoint_every=2,

@@ -643,7 +643,12 @@ def test_svd_allocation_and_refold_validation():
     with pytest.raises(ValueError, match="refold_magnitudes"):
         TrainConfig(**dict(PRESETS["svd-cut"], refold_magnitudes="init_s"))        # Euclidean bases
     with pytest.raises(ValueError, match="refold_magnitudes"):
-        TrainConfig(refold_magnitudes="layer_total")                                 # the default: FW on s
+        TrainConfig.from_preset("bilevel", refold_magnitudes="layer_total")          # FW on s
+    # "auto" (the default): layer_total where a refold applies (s held, SVD cut, oblique), else off
+    assert TrainConfig().refold_mode() == "layer_total"
+    assert TrainConfig(basis="euclidean").refold_mode() == "off"
+    assert TrainConfig(fw_step_size=0.05).refold_mode() == "off"
+    assert TrainConfig.from_preset("bilevel").refold_mode() == "off"
     with pytest.raises(ValueError, match="refold_magnitudes"):
         TrainConfig(refold_magnitudes="yes")
     cfg = TrainConfig(**dict(PRESETS["svd-cut"], basis="oblique", refold_magnitudes=True,
@@ -878,7 +883,8 @@ def test_the_cli_uses_the_image_preset_for_image_tasks_without_a_preset(capsys):
     for argv in (["train", "--dataset", "fashion-mnist", "--preset", "default"], ["train"],
                  ["train", "--dataset", "x.csv"]):
         cfg = config_from_args(build_parser().parse_args(argv))
-        assert cfg.prune_by == "s" and cfg.preset in (None, "default")
+        assert cfg.preset in (None, "default") and cfg.prune_by == "svd" and cfg.init_s == 0.1
+        assert cfg.fw_step_size == 0.0 and cfg.refold_mode() == "layer_total"
 
 
 def test_an_image_task_with_the_text_default_warns_and_names_the_image_preset(tmp_path, monkeypatch):
@@ -895,3 +901,57 @@ def test_an_image_task_with_the_text_default_warns_and_names_the_image_preset(tm
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*oblique-svd.*")
         prepare(TrainConfig.from_preset("oblique-svd", **common), torch.device("cpu"))
+
+
+# -- the round-12 default: s held at init_s, the budget cut by the SVD of what training changed -------
+def _default_selection():
+    """The fields that choose ranks, at TrainConfig's defaults (so the test follows the defaults)."""
+    from debora.train import TrainConfig
+    d = TrainConfig()
+    names = ("basis", "budget", "tau", "init_rank", "init_s", "fw_step", "fw_step_size", "prune_by",
+             "svd_allocation", "svd_unfold", "refold_magnitudes", "prune_start", "prune_end", "split",
+             "estimator", "lr_schedule")
+    return {k: getattr(d, k) for k in names}
+
+
+@pytest.mark.parametrize("budget", [dict(target_rank=2.0), dict(target_rank=None, target_params=1500)])
+def test_the_default_holds_s_cuts_by_svd_and_resumes_exactly(tmp_path, budget):
+    """With the defaults (s held at 0.1, no Frank-Wolfe step, the unfolded SVD cut by σ² per parameter,
+    refold layer_total) a tiny BERT run lands on the budget: 2 components per adapter on average (count), or
+    at most one component's cost below P* (parameters); every cut layer's survivors share the layer's
+    initial Σs = r0·init_s exactly, the uncut layers keep s = init_s; and a run stopped after the
+    cuts resumes bit for bit. (The count is an average: σ² per parameter spreads it over layers.)"""
+    sel = dict(_default_selection(), init_rank=4, **budget)
+    assert sel["fw_step_size"] == 0.0 and sel["prune_by"] == "svd" and sel["init_s"] == 0.1
+    kw = dict(sel, epochs=2.0, max_iterations=12, eval_every=0, checkpoint_every=4, truncate_from=0.1)
+    a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
+    assert a.trainer.cfg.refold_mode() == "layer_total"
+    layers = debora.adapter_layers(a.model)
+    if budget.get("target_rank"):
+        assert sum(layer.rank for layer in layers.values()) == 2 * len(layers)
+        assert all(layer.rank >= 1 for layer in layers.values())       # a per-layer budget keeps one
+    else:
+        size = sum(layer.adapter_numel() for layer in layers.values())
+        most = max(layer.component_numel() for layer in layers.values())
+        assert 1500 - most < size <= 1500
+    for layer in layers.values():
+        total = torch.tensor(4 * 0.1, dtype=torch.float64)
+        if layer.rank < 4:      # cut and refolded: the survivors share the layer's initial sum
+            torch.testing.assert_close(layer.s.detach().double().sum(), total, rtol=1e-6, atol=0)
+            assert torch.allclose(layer.s.detach(), layer.s.detach()[0].expand_as(layer.s))
+        else:                   # never cut: s untouched at init_s
+            assert torch.equal(layer.s.detach(), torch.full_like(layer.s, 0.1))
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_9(trainer, state, extra):
+        if state.iteration == 9:
+            raise Stop
+
+    cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
+    with pytest.raises(Stop):
+        train(cfg, callback=stop_at_9)
+    b = train(cfg.replace(resume="auto"))
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka

@@ -70,6 +70,9 @@ def tiny_config(tmp_path, **overrides):
                   # test_rank_selection.py covers the default regime
                   estimator="debora-closed-form", budget="global", basis="euclidean", split="halves",
                   fw_step="short", fw_lipschitz=10.0, init_s=None, target_rank=None,
+                  # ... whose upper level moves s (Frank-Wolfe) and whose budget removes the smallest s:
+                  # the bilevel preset's selection, not the round-12 default's (s held, SVD cut)
+                  fw_step_size=0.05, prune_by="s", svd_allocation="sigma", refold_magnitudes="off",
                   # ... with its constant lr: a run cut by max_iterations then resumed with a larger one
                   # is the uninterrupted run only if the lr does not depend on the planned length
                   lr_schedule="constant")

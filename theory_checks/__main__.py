@@ -1,4 +1,4 @@
-"""``python -m theory_checks [--problem toy|minilm|cnn|all] [--checks all|paper|default] [--device auto|cpu|cuda] [--out DIR]``"""
+"""``python -m theory_checks [--problem toy|minilm|cnn|all] [--checks all|paper|bilevel] [--device auto|cpu|cuda] [--out DIR]``"""
 from __future__ import annotations
 
 import argparse
@@ -30,10 +30,11 @@ def main(argv=None) -> int:
     ap.add_argument("--problem", default="toy", choices=["toy", "minilm", "cnn", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default="runs/theory_checks")
-    ap.add_argument("--checks", default="all", choices=["all", "paper", "default"],
-                    help="paper: the paper's setting (Thm 4.1, Assumption 6.1, M, Thm 6.2, 6.5); default: the "
-                         "default training preset's regime (oblique, init_s, D1 = D2, first-order, constant-step "
-                         "FW, count budget; toy and minilm); all: both")
+    ap.add_argument("--checks", default="all", choices=["all", "paper", "bilevel", "default"],
+                    help="paper: the paper's setting (Thm 4.1, Assumption 6.1, M, Thm 6.2, 6.5); bilevel (alias: "
+                         "default, its name until round 12): the bilevel training preset's regime (oblique, "
+                         "init_s, D1 = D2, first-order, constant-step FW, count budget; toy and minilm); "
+                         "all: both. The round-12 default holds s (no upper-level step): nothing of it to check")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (smoke test)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1: faster than 2 on a shared 2-core machine)")

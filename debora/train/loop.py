@@ -572,7 +572,7 @@ class Trainer:
                     if name[: -len(".s")] in names and layer.folded and has_svd(layer):
                         sl = slice(offsets[name], offsets[name] + size)
                         new = debora.singular_values(layer, unfold=True).to(x).clamp_min(self.cfg.eps)
-                        if self.cfg.refold_magnitudes != "off":
+                        if self.cfg.refold_mode() != "off":
                             new = torch.full_like(new, self.refolded_s(int((~force[sl]).sum())))
                         cand[sl] = new
                 cand = torch.where(force, floor.to(cand), cand)
@@ -586,7 +586,7 @@ class Trainer:
                     unfold = False
                     key, force = choose(False)
             debora.svd_refactor(self.model, losing(force), optimizer=state.optimizer, unfold=unfold)
-            if self.cfg.refold_magnitudes != "off":   # survivors' s reset, the difference folded into W
+            if self.cfg.refold_mode() != "off":   # survivors' s reset, the difference folded into W
                 offsets = state.layout.offsets
                 for name, size in zip(state.layout.names, state.layout.sizes):
                     layer = layers[name[: -len(".s")]]
@@ -604,7 +604,7 @@ class Trainer:
         """The s that ``refold_magnitudes`` gives each of a layer's ``kept`` survivors: init_s, or
         ("layer_total") the layer's initial Σs = r0·init_s shared among them."""
         s0 = float(self.cfg.init_s)
-        if self.cfg.refold_magnitudes == "layer_total":
+        if self.cfg.refold_mode() == "layer_total":
             s0 *= self.cfg.init_rank / max(kept, 1)
         return s0
 

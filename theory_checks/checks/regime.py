@@ -1,4 +1,5 @@
-"""Checks of the regime the default training preset runs in (``debora/train/config.py``):
+"""Checks of the regime the bilevel training preset runs in (``PRESETS["bilevel"]``, ``debora/train/config.py``;
+the default through round 11 — the round-12 default holds s and has no upper-level step to check):
 
 oblique bases (unit-norm columns, s carries each component's magnitude), s started near the floor
 (``init_s`` = ε + τ/(10(r0+1)) ≈ 0.012, ε = 1e-3), τ = 1 per layer (a product of floored simplices),
@@ -8,7 +9,7 @@ T_max = 1 lower step (Adam, lr 5e-4 decayed by the trainer's ``lr_schedule``, ba
 ``fw_step_schedule="lr"`` γ follows the same factor) per outer iteration, and a count budget: from n0 = 10 %
 of the run, the live components beyond k(n) (``debora.train.budget``: cubic from R0 to R* = 2 per
 adapter between 10 % and 70 % of the run) with the smallest s are moved to the floor and leave.
-:data:`PRESET` is read from ``TrainConfig``'s defaults (:func:`default_preset`), not copied.
+:data:`PRESET` is read from the trainer's preset (:func:`default_preset`), not copied.
 
 1. Envelope theorem. With f1 = f2 = f, at an exact lower solution (∂_B f = 0 on the manifold)
    ∇F(s) = ∂_s f(B*(s), s) − ∂²_sB f [∂²_BB f]⁻¹ ∂_B f = ∂_s f: ``first-order`` *is* the
@@ -45,20 +46,21 @@ from ..problems.base import AdapterProblem, cosine, rel_error
 from ..study import Study, StudyConfig, fmt, row
 
 NAME_ENV = "Envelope (D1=D2)"
-NAME_CHI = "Assumption 6.1 [default]"
-NAME_ID = "Thm 6.5 [default]"
+NAME_CHI = "Assumption 6.1 [bilevel]"
+NAME_ID = "Thm 6.5 [bilevel]"
 
 
 
 def default_preset() -> Dict[str, object]:
-    """The default training preset (``TrainConfig``'s field defaults, ``debora/train/config.py``), read
-    from the trainer so that the two cannot drift apart; ``init_s`` is the value the adapters start at
+    """The bilevel training preset (``PRESETS["bilevel"]``, ``debora/train/config.py``: Frank-Wolfe on s,
+    the default through round 11; the round-12 default holds s and has no upper-level step to check),
+    read from the trainer so that the two cannot drift apart; ``init_s`` is the value the adapters start at
     when the config leaves it to them (ε + τ/(10(r0+1)) per layer with oblique bases)."""
     from debora.train import TrainConfig
-    d = TrainConfig()
+    d = TrainConfig.from_preset("bilevel")
     assert d.budget == "per_layer" and d.basis in ("oblique", "stiefel") and d.split == "same" \
         and d.estimator == "first-order" and d.fw == "away" and d.fw_step == "constant", \
-        "the default preset left the regime these checks model; update theory_checks/checks/regime.py"
+        "the bilevel preset left the regime these checks model; update theory_checks/checks/regime.py"
     init_s = d.init_s if d.init_s is not None else d.eps + d.tau / (10 * (d.init_rank + 1))
     return dict(basis=d.basis, init_s=init_s, eps=d.eps, tau=d.tau, alpha=d.alpha, init_rank=d.init_rank,
                 weight_decay=d.weight_decay, gamma=d.fw_step_size, T_max=d.inner_steps, lr=d.lr,
