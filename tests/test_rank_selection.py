@@ -49,6 +49,19 @@ def test_target_rank_validation():
 
 
 # -- training with a rank budget ----------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by _train_until's callback: the run ends right after that iteration (and its checkpoint)."""
+
+
+def _train_until(cfg, iteration: int) -> None:
+    """Train ``cfg`` and stop it after ``iteration``: what a killed run leaves for ``resume="auto"``."""
+    def stop(trainer, state, extra):
+        if state.iteration == iteration:
+            raise _Stop
+    with pytest.raises(_Stop):
+        train(cfg, callback=stop)
+
+
 def _run(tmp_path, name, **kw):
     values = dict(epochs=4.0, eval_every=0, truncate_from=0.1, output_dir=str(tmp_path / name),
                   estimator="first-order", fw_step="constant", fw_step_size=0.05, budget="per_layer",
@@ -266,16 +279,8 @@ def test_resume_in_the_default_regime_reproduces_the_run(tmp_path, rho, budget):
     a = train(tiny_config(tmp_path, output_dir=str(tmp_path / "full"), **kw))
     assert a.trainer.fused
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_5(trainer, state, extra):
-        if state.iteration == 5:
-            raise Stop
-
     cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
-    with pytest.raises(Stop):
-        train(cfg, callback=stop_at_5)
+    _train_until(cfg, 5)
     if rho < 1:   # the checkpoint at iteration 5 holds d_5 over the s still alive (ranks cut after it)
         tensors, meta = ckpt.load(os.path.join(cfg.output_dir, "checkpoint"))
         assert meta["fw_avg_n"] == 5
@@ -566,16 +571,8 @@ def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path, refold):
         else:            # unfolded: s = σ(ΔW − ΔW0), no folded factors left
             assert not layer.folded and not layer.init_factors()
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_9(trainer, state, extra):
-        if state.iteration == 9:
-            raise Stop
-
     cfg = tiny_config(tmp_path, **dict(kw, output_dir=str(tmp_path / f"split{refold}")))
-    with pytest.raises(Stop):
-        train(cfg, callback=stop_at_9)                            # the checkpoint at 8 is after the cut
+    _train_until(cfg, 9)                            # the checkpoint at 8 is after the cut
     b = train(cfg.replace(resume="auto"))
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
@@ -942,16 +939,8 @@ def test_the_default_holds_s_cuts_by_svd_and_resumes_exactly(tmp_path, budget):
         else:                   # never cut: s untouched at init_s
             assert torch.equal(layer.s.detach(), torch.full_like(layer.s, 0.1))
 
-    class Stop(Exception):
-        pass
-
-    def stop_at_9(trainer, state, extra):
-        if state.iteration == 9:
-            raise Stop
-
     cfg = tiny_config(tmp_path, output_dir=str(tmp_path / "split"), **kw)
-    with pytest.raises(Stop):
-        train(cfg, callback=stop_at_9)
+    _train_until(cfg, 9)
     b = train(cfg.replace(resume="auto"))
     for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert ka == kb and torch.equal(va, vb), ka
