@@ -22,16 +22,21 @@ six="/dev/null,$(ls benchmarks/results/scale_rt24_lin_debora{2,4}_prune1070{,_s3
     --json "$six" --out benchmarks/results/scale24_linear_6seeds_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_rt \
     --default-variant "prune 10-70%"
 # round 12: the SVD-cut variant (now the default) on fresh seeds 3-5 with LoRA r = 1/2/4/8 on the same seeds,
-# pooled with seeds 0-2 (AdaLoRA was not run on seeds 3-5: its points are not in this table)
+# pooled with seeds 0-2 (LoRA only; AdaLoRA was re-run on Rotten Tomatoes seeds 3-5 only: its own table below)
 svd6="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json \
     benchmarks/results/scale_{rt,tw}24_lin_deboraP41k_svds01g{,_s345}.json \
     benchmarks/results/scale_{rt,tw}24_lin_lora{1,2,4,8}.json benchmarks/results/scale_rt24_lin_lora{2,4}_s345.json \
     benchmarks/results/scale_rt24_lin_lora18_s345.json benchmarks/results/scale_tw24_lin_lora_s345.json 2>/dev/null | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
     --json "$svd6" --out benchmarks/results/scale24_linear_6seeds_svd.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd
+# Rotten Tomatoes over six seeds with AdaLoRA (its seeds 0-2 at the tuned 3e-3, seeds 3-5 run in round 12)
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes --lr-schedule linear \
+    --json "$svd6,benchmarks/results/scale_rt24_lin_adalora1.json,benchmarks/results/scale_rt24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_rt24_lin_adalora12_s345.json,benchmarks/results/scale_rt24_lin_adalora4_s345.json" \
+    --out benchmarks/results/scale24_linear_6seeds_svd_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_rt
 # ... and seeds 3-5 alone (fresh seeds: nothing was chosen on them)
 svd345="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json benchmarks/results/scale_{rt,tw}24_lin_deboraP41k_svds01g_s345.json \
     benchmarks/results/scale_rt24_lin_lora{2,4}_s345.json benchmarks/results/scale_rt24_lin_lora18_s345.json \
-    benchmarks/results/scale_tw24_lin_lora_s345.json 2>/dev/null | paste -sd, -),$tune"
+    benchmarks/results/scale_tw24_lin_lora_s345.json benchmarks/results/scale_rt24_lin_adalora{12,4}_s345.json \
+    2>/dev/null | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
     --json "$svd345" --out benchmarks/results/scale24_linear_s345_svd.md --plot-dir benchmarks/results/scale24_linear_s345_svd
