@@ -268,11 +268,15 @@ class TrainConfig:
         if isinstance(self.target_modules, str) and not self.target_modules:
             raise ValueError("target_modules is an empty string; give module names or a regex")
 
+    def s_held(self) -> bool:
+        """Whether s stays at its initial value: a constant Frank-Wolfe step of 0 (no upper-level step)."""
+        return self.fw_step == "constant" and self.fw_step_size == 0
+
     def refold_applies(self) -> bool:
         """Whether an SVD cut can refold the survivors' magnitudes: prune_by="svd" on unfolded
         oblique/Stiefel bases with s held at a set init_s."""
         return (self.prune_by == "svd" and self.svd_unfold and self.basis != "euclidean"
-                and self.init_s is not None and self.fw_step == "constant" and self.fw_step_size == 0)
+                and self.init_s is not None and self.s_held())
 
     def refold_mode(self) -> str:
         """``refold_magnitudes`` with ``"auto"`` resolved: ``"layer_total"`` where it applies

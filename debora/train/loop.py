@@ -268,7 +268,7 @@ class Trainer:
         fw_solver = self.make_fw(layout)
         fw_state = fw_solver.init(self.s_vector())
         d1, d2, d2_est = self.samplers()
-        held = cfg.fw_step == "constant" and cfg.fw_step_size == 0     # s held at init_s: no FW steps
+        held = cfg.s_held()     # s held at init_s: no FW steps
         return TrainState(iteration=0, fw_state=fw_state, optimizer=self.make_optimizer(), layout=layout,
                           d1=d1, d2=d2, d2_est=d2_est, s_frozen=held)
 
