@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
-# Rotten Tomatoes wall time of the round-12 default, side by side (README, round 12): one dEBORA run
+# Text wall time of the round-12 default, side by side (README, round 12): one dEBORA run
 # (target_rank 2, the SVD-cut selection with s held at 0.1, written out so that it does not depend on
 # the checkout's defaults) and one PEFT LoRA r=8 run at the same time, one thread each, 2,400 x 3, each at
 # its tuned lr with the linear schedule, so that both see the same load. Records already in the JSON files
-# are skipped (delete them to re-measure). SEEDS="0 1 2" by default.
+# are skipped (delete them to re-measure). SEEDS="0 1 2" and TASK=rotten-tomatoes by default (records in
+# wall_text12_{debora,lora}.json); TASK=tweets writes wall_text12_tweets_{debora,lora}.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
 SEEDS=${SEEDS:-"0 1 2"}
-RT="--tasks rotten-tomatoes --examples 2400 --epochs 3 --lr-schedule linear --out /tmp/wall_text12/w.md
+TASK=${TASK:-rotten-tomatoes}
+if [ "$TASK" = rotten-tomatoes ]; then STEM=wall_text12; else STEM="wall_text12_${TASK//-/_}"; fi
+export STEM
+RT="--tasks $TASK --examples 2400 --epochs 3 --lr-schedule linear --out /tmp/wall_text12/w.md
     --plot-dir /tmp/wall_text12"
 SEL='{"fw_step_size": 0.0, "init_s": 0.1, "prune_by": "svd", "svd_allocation": "sigma2_per_param",
       "refold_magnitudes": "layer_total", "prune_start": 0.1, "prune_end": 0.7}'
 for S in $SEEDS; do
 .venv/bin/python benchmarks/finetune_compare.py $RT --lr 3e-3 --methods debora --target-ranks 2 --debora "$SEL" \
-    --debora-label "default (round 12)" --seed-list $S --json benchmarks/results/wall_text12_debora.json &
+    --debora-label "default (round 12)" --seed-list $S --json benchmarks/results/${STEM}_debora.json &
 .venv/bin/python benchmarks/finetune_compare.py $RT --lr 1e-3 --methods lora-r8 --seed-list $S \
-    --json benchmarks/results/wall_text12_lora.json &
+    --json benchmarks/results/${STEM}_lora.json &
 wait
 done
 .venv/bin/python - <<'PY'
-import json
-d = {r["seed"]: r for r in json.load(open("benchmarks/results/wall_text12_debora.json"))}
-l = {r["seed"]: r for r in json.load(open("benchmarks/results/wall_text12_lora.json"))}
+import json, os
+stem = "benchmarks/results/" + os.environ["STEM"]
+d = {r["seed"]: r for r in json.load(open(stem + "_debora.json"))}
+l = {r["seed"]: r for r in json.load(open(stem + "_lora.json"))}
 ratios = []
 for s in sorted(set(d) & set(l)):
     ratios.append(d[s]["wall"] / l[s]["wall"])
