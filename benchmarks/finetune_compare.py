@@ -516,6 +516,40 @@ def front_at(deb, params):
     return min(deb.items(), key=lambda kv: abs(_mean(kv[1], "params") - params)), "nearest size, larger"
 
 
+def paired_by_seed(deb_records, rival_records):
+    """dEBORA minus the rival in held-out accuracy (points), seed by seed over the seeds both ran:
+    ``(seeds, diffs, mean, (lo, hi))`` with the two-sided 95% Student-t interval of the mean difference
+    (``None`` with fewer than two shared seeds). Pairing removes what a seed does to both (its data
+    draw, its held-out split), which the two groups' separate stds do not."""
+    from scipy import stats
+    a = {r["seed"]: 100 * r["acc"] for r in deb_records}
+    b = {r["seed"]: 100 * r["acc"] for r in rival_records}
+    seeds = sorted(set(a) & set(b))
+    diffs = [a[s] - b[s] for s in seeds]
+    if not diffs:
+        return seeds, diffs, None, None
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return seeds, diffs, mean, None
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return seeds, diffs, mean, (mean - half, mean + half)
+
+
+def _paired_lines(deb, rivals):
+    out = []
+    for (m, s), rs in sorted(rivals.items()):
+        (dk, drs), how = front_at(deb, _mean(rs, "params"))
+        seeds, diffs, mean, ci = paired_by_seed(drs, rs)
+        if mean is None:
+            continue
+        verdict = ("not separated" if ci is None or ci[0] <= 0 <= ci[1]
+                   else "dEBORA above" if ci[0] > 0 else "dEBORA below")
+        out.append(f"  - paired by seed vs {m} {s} ({len(seeds)} seeds): dEBORA {dk[1]} ({how}) "
+                   f"{mean:+.2f} points (per seed {' / '.join(f'{d:+.2f}' for d in diffs)}"
+                   + (f"; 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f") → {verdict}")
+    return out
+
+
 def _dominated(deb, rivals):
     """The rival (LoRA/AdaLoRA) points with a dEBORA point of no more parameters and no lower accuracy."""
     dpts = [(_mean(rs, "params"), _mean(rs, "acc")) for rs in deb.values()]
@@ -525,8 +559,9 @@ def _dominated(deb, rivals):
 
 def _verdict_lines(g, task, where, default_variant=None):
     """The issue's criteria on one set of groups (every group at one lr). Criterion 1 and dominance take
-    the best of every dEBORA setting present; with ``default_variant`` (the variant label of the rows
-    that ran the current default preset) a second dominance line counts those rows alone."""
+    the best of every dEBORA setting present; with ``default_variant`` (the variant labels, a string or a
+    list of them, of the rows that ran the current default preset) a second dominance line counts those
+    rows alone."""
     lora8 = g.get(("lora-r8", "r=8"))
     deb = {k: v for k, v in g.items() if k[0] == "debora"}
     if not lora8 or not deb:
@@ -553,12 +588,14 @@ def _verdict_lines(g, task, where, default_variant=None):
     out.append(f"  - dominance: {len(beaten)} of {len(rivals)} LoRA/AdaLoRA points have a dEBORA point (any of "
                f"{len(deb)} settings) with no more parameters and no lower mean accuracy"
                + (f" ({', '.join(beaten)})" if beaten else ""))
-    if default_variant is not None:
-        own = {k: v for k, v in deb.items() if variant(k[1]) == default_variant}
+    if default_variant:
+        labels = [default_variant] if isinstance(default_variant, str) else list(default_variant)
+        own = {k: v for k, v in deb.items() if variant(k[1]) in labels}
         mine = _dominated(own, rivals)
-        out.append(f"  - dominance by the default alone ('{default_variant}' rows: "
+        out.append(f"  - dominance by the default alone ({' / '.join(repr(v) for v in labels)} rows: "
                    f"{', '.join(sorted(k[1] for k in own)) or 'none'}): {len(mine)} of {len(rivals)}"
                    + (f" ({', '.join(mine)})" if mine else ""))
+    out += _paired_lines(deb, rivals)
     for (_, setting), rs in sorted({k: v for k, v in rivals.items() if k[0] == "adalora"}.items()):
         ap, aa = _mean(rs, "params"), _mean(rs, "acc")
         (ds, drs), how = front_at(deb, ap)
@@ -653,9 +690,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/fronts.md")
     ap.add_argument("--plot-dir", default="benchmarks/results")
     ap.add_argument("--report-only", action="store_true", help="table and plots from --json, no runs")
-    ap.add_argument("--default-variant", default=None,
+    ap.add_argument("--default-variant", action="append", default=None,
                     help="variant label of the dEBORA rows that ran the current default preset (e.g. "
-                         "'prune 10-70%%'): the verdict adds a dominance line counting those rows alone")
+                         "'svd cut at s 0.1, sigma2/param, refold total'); repeat it for several labels "
+                         "(the default with a user budget knob): the verdict adds a dominance line "
+                         "counting those rows alone")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

@@ -50,6 +50,21 @@ def test_dominance_by_the_default_alone_counts_only_the_default_rows():
     assert not any("default alone" in l for l in fc._verdict_lines(g, "t", "test"))
 
 
+def test_dominance_by_the_default_alone_takes_several_labels():
+    """The default's rows under a user budget knob (e.g. ', global') are the default too; others are not."""
+    g = {("lora-r8", "r=8"): _recs("lora-r8", "r=8", [0.80, 0.82], 8000),
+         ("lora-r1", "r=1"): _recs("lora-r1", "r=1", [0.75, 0.75], 1000),
+         ("lora-r2", "r=2"): _recs("lora-r2", "r=2", [0.78, 0.78], 2000),
+         ("debora", "target_rank=2 cut"): _recs("debora", "target_rank=2 cut", [0.79] * 2, 1900),
+         ("debora", "target_params=990 cut, global"): _recs("debora", "target_params=990 cut, global",
+                                                             [0.76] * 2, 990),
+         ("debora", "target_rank=1 other"): _recs("debora", "target_rank=1 other", [0.99] * 2, 500)}
+    lines = fc._verdict_lines(g, "t", "test", default_variant=["cut", "cut, global"])
+    own_line = next(l for l in lines if "dominance by the default alone" in l)
+    assert own_line.endswith(": 2 of 3 (lora-r1 r=1, lora-r2 r=2)")
+    assert "'cut' / 'cut, global' rows" in own_line and "other" not in own_line
+
+
 def _tune(method, setting, lr, accs, seeds=(100, 101, 102)):
     return [dict(task="t", method=method, setting=setting, seed=s, acc=a, lr=lr, phase="tune")
             for s, a in zip(seeds, accs)]
@@ -108,3 +123,24 @@ def test_the_race_repeats_only_the_lrs_close_to_the_first_seeds_best_and_the_rep
                                   ("tune", 100, 3e-2),                   # 31 points behind: not repeated
                                   ("tune", 101, 1e-3), ("tune", 101, 3e-3), ("tune", 101, 1e-2),
                                   ("report", 0, 3e-3)])                  # best mean: 81.5 vs 80.5
+
+
+def test_paired_by_seed_is_the_student_t_interval_of_the_seed_differences():
+    """diffs 1 / 2 / 3 points: mean 2, sd 1, t(0.975, 2) = 4.302653 -> 2 -+ 4.302653 / sqrt(3)."""
+    deb = [dict(seed=s, acc=a) for s, a in ((0, 0.81), (1, 0.82), (2, 0.83), (9, 0.99))]
+    lora = [dict(seed=s, acc=a) for s, a in ((0, 0.80), (1, 0.80), (2, 0.80), (5, 0.10))]
+    seeds, diffs, mean, (lo, hi) = fc.paired_by_seed(deb, lora)
+    assert seeds == [0, 1, 2] and diffs == pytest.approx([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert lo == pytest.approx(2 - 4.302653 / 3 ** 0.5, abs=1e-5)
+    assert hi == pytest.approx(2 + 4.302653 / 3 ** 0.5, abs=1e-5)
+    assert fc.paired_by_seed(deb[:1], lora)[3] is None            # one shared seed: no interval
+
+
+def test_paired_line_pairs_each_rival_with_the_front_at_its_size():
+    g = {("lora-r8", "r=8"): _recs("lora-r8", "r=8", [0.80, 0.82, 0.81], 8000),
+         ("debora", "target_rank=1"): _recs("debora", "target_rank=1", [0.81, 0.83, 0.82], 1000),
+         ("debora", "target_rank=8"): _recs("debora", "target_rank=8", [0.70, 0.70, 0.70], 9000)}
+    line = next(l for l in fc._verdict_lines(g, "t", "test") if "paired by seed vs lora-r8" in l)
+    assert "dEBORA target_rank=1 (best with no more params) +1.00 points" in line
+    assert "95% CI [+1.00, +1.00]" in line and line.endswith("→ dEBORA above")

@@ -8,10 +8,13 @@
 cd "$(dirname "$0")/../.."
 tune="$(ls benchmarks/results/tune_rt24_*.json benchmarks/results/tune_seeds_rt24_*.json | paste -sd, -)"
 files="/dev/null,$(ls benchmarks/results/scale_rt24_*.json benchmarks/results/scale_tw24_*.json | grep -v '_s345\.json$' | paste -sd, -),$tune"
-# the linear verdict also counts the default preset's rows alone (since round 9 the 10-70% window, run
-# with that label): the first dominance line takes the best of every dEBORA variant measured
+# the linear verdicts also count the default's rows alone (since round 12 the SVD cut, run with the label
+# below, and with a global budget: ", global"); the first dominance line takes the best of every dEBORA
+# variant measured. The Rotten Tomatoes six-seed table of rounds 9-11 counts round 9-11's default.
+svd_default=(--default-variant "svd cut at s 0.1, sigma2/param, refold total"
+             --default-variant "svd cut at s 0.1, sigma2/param, refold total, global")
 for sched in constant linear; do
-    default=(); [ "$sched" = linear ] && default=(--default-variant "prune 10-70%")
+    default=(); [ "$sched" = linear ] && default=("${svd_default[@]}")
     .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets \
         --lr-schedule "$sched" --json "$files" --out "benchmarks/results/scale24_${sched}.md" \
         --plot-dir "benchmarks/results/scale24_${sched}" "${default[@]}"
@@ -28,15 +31,18 @@ svd6="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01
     benchmarks/results/scale_{rt,tw}24_lin_lora{1,2,4,8}.json benchmarks/results/scale_rt24_lin_lora{2,4}_s345.json \
     benchmarks/results/scale_rt24_lin_lora18_s345.json benchmarks/results/scale_tw24_lin_lora_s345.json 2>/dev/null | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
-    --json "$svd6" --out benchmarks/results/scale24_linear_6seeds_svd.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd
+    --json "$svd6" --out benchmarks/results/scale24_linear_6seeds_svd.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd \
+    "${svd_default[@]}"
 # Rotten Tomatoes over six seeds with AdaLoRA (its seeds 0-2 at the tuned 3e-3, seeds 3-5 run in round 12)
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes --lr-schedule linear \
     --json "$svd6,benchmarks/results/scale_rt24_lin_adalora1.json,benchmarks/results/scale_rt24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_rt24_lin_adalora12_s345.json,benchmarks/results/scale_rt24_lin_adalora4_s345.json" \
-    --out benchmarks/results/scale24_linear_6seeds_svd_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_rt
+    --out benchmarks/results/scale24_linear_6seeds_svd_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_rt \
+    "${svd_default[@]}"
 # ... and seeds 3-5 alone (fresh seeds: nothing was chosen on them)
 svd345="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json benchmarks/results/scale_{rt,tw}24_lin_deboraP41k_svds01g_s345.json \
     benchmarks/results/scale_rt24_lin_lora{2,4}_s345.json benchmarks/results/scale_rt24_lin_lora18_s345.json \
     benchmarks/results/scale_tw24_lin_lora_s345.json benchmarks/results/scale_rt24_lin_adalora{12,4}_s345.json \
     2>/dev/null | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
-    --json "$svd345" --out benchmarks/results/scale24_linear_s345_svd.md --plot-dir benchmarks/results/scale24_linear_s345_svd
+    --json "$svd345" --out benchmarks/results/scale24_linear_s345_svd.md --plot-dir benchmarks/results/scale24_linear_s345_svd \
+    "${svd_default[@]}"
