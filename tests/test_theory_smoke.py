@@ -32,3 +32,13 @@ def test_toy_checks_quick(tmp_path):
     assert abs(K - analytic_K(make_toy("matrix", "euclidean"))) < 1e-8 * K
     md = open(os.path.join(out, "report.md")).read()
     assert "| check | instance | quantity | measured | verdict |" in md
+
+
+def test_cut_check_through_the_command_line(tmp_path):
+    """`--checks cut` runs only the default's SVD-cut check, with its rows, report and scatter plot."""
+    out = str(tmp_path / "cut")
+    assert main(["--problem", "toy", "--checks", "cut", "--device", "cpu", "--out", out]) == 0
+    doc = json.load(open(os.path.join(out, "report.json")))
+    assert {r["check"] for r in doc["rows"]} == {"SVD cut [default]"}
+    assert all(r["verdict"] in VERDICTS and r["criterion"] for r in doc["rows"])
+    assert os.path.exists(os.path.join(out, "toy-matrix-cut.png"))

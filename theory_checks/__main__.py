@@ -1,4 +1,4 @@
-"""``python -m theory_checks [--problem toy|minilm|cnn|all] [--checks all|paper|bilevel] [--device auto|cpu|cuda] [--out DIR]``"""
+"""``python -m theory_checks [--problem toy|minilm|cnn|all] [--checks all|paper|bilevel|cut] [--device auto|cpu|cuda] [--out DIR]``"""
 from __future__ import annotations
 
 import argparse
@@ -19,6 +19,9 @@ NOTES = [
     "initial update ΔW0 of oblique bases into it: not done here); removed components stay at ε outside the "
     "LMO instead of being deleted; g = ∂_s f on the lower step's batch at the pre-step bases (the "
     "trainer's fused first-order).",
+    "Default's SVD cut (checks/cut.py): s held at the default's init_s, ΔW0 folded into the base weight as "
+    "the trainer does, the lower level converged (L-BFGS) instead of trained for a fixed number of Adam "
+    "steps; the components are the leading r0 singular triplets of ΔW − ΔW0 per layer (the unfolded cut's).",
     "Algorithm 1 runs without truncation (n0 = ∞) and without the p̃ stop, so that the support can "
     "change back and the gap can be followed; the FW step is the library's AwayStepFW with "
     "ShortStep(M measured at s0).",
@@ -30,11 +33,12 @@ def main(argv=None) -> int:
     ap.add_argument("--problem", default="toy", choices=["toy", "minilm", "cnn", "all"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--out", default="runs/theory_checks")
-    ap.add_argument("--checks", default="all", choices=["all", "paper", "bilevel", "default"],
+    ap.add_argument("--checks", default="all", choices=["all", "paper", "bilevel", "default", "cut"],
                     help="paper: the paper's setting (Thm 4.1, Assumption 6.1, M, Thm 6.2, 6.5); bilevel (alias: "
                          "default, its name until round 12): the bilevel training preset's regime (oblique, "
                          "init_s, D1 = D2, first-order, constant-step FW, count budget; toy and minilm); "
-                         "all: both. The round-12 default holds s (no upper-level step): nothing of it to check")
+                         "cut: the round-12 default's selection (s held, the SVD cut by sigma^2 per parameter): "
+                         "its key against the exact cost of removing each component (toy and minilm); all: the three")
     ap.add_argument("--quick", action="store_true", help="reduced sizes (smoke test)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1: faster than 2 on a shared 2-core machine)")

@@ -45,6 +45,13 @@ ENVELOPE_LOWER_TOL = 1e-5
 TOPK_WINDOW_SPARE = 0.25
 
 
+# The default's SVD cut (checks/cut.py): its key σ²/parameter against the exact cost of removing each
+# component alone (per parameter): Spearman ρ, and the loss increase of the cut it makes against the same
+# cut ranked by the exact costs.
+CUT_RHO_HOLDS, CUT_RHO_FAILS = 0.7, 0.3
+CUT_LOSS_HOLDS, CUT_LOSS_FAILS = 1.5, 3.0
+
+
 def accuracy_verdict(cos: float, rel: float) -> str:
     if not (math.isfinite(cos) and math.isfinite(rel)):
         return INCONCLUSIVE

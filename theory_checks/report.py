@@ -27,10 +27,39 @@ def _clean(o):
     return str(o)
 
 
+def plot_cut(cut: dict, path: str) -> None:
+    """One panel per key of checks/cut.py: the key against the exact removal cost per parameter, one point
+    per component (the components the exact-ranked cut keeps filled)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    comps = cut["components"]
+    exact = np.array([c["exact"] for c in comps])
+    kept = np.argsort(-exact)[:cut["k"]]
+    fields = {"σ²/param (default)": "sig2pp", "first-order Taylor (hypergradient)": "taylor1",
+              "second-order Taylor": "taylor2"}
+    fig, ax = plt.subplots(1, len(fields), figsize=(5 * len(fields), 4.2))
+    for a, (label, field) in zip(ax, fields.items()):
+        key = np.array([c[field] for c in comps])
+        a.scatter(key, exact, facecolors="none", edgecolors="C0", label="component")
+        a.scatter(key[kept], exact[kept], color="C0", label=f"top {cut['k']} by exact cost")
+        rho = cut.get("keys", {}).get(label, {}).get("rho", float("nan"))
+        a.set_title(f"{label}: Spearman ρ = {rho:.2f}", fontsize=9)
+        a.set_xlabel("key (per parameter)")
+        a.axhline(0, color="k", lw=0.5)
+    ax[0].set_ylabel("exact loss increase when removed alone, per parameter")
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_study(st, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if st.plots.get("cut"):
+        return plot_cut(st.plots["cut"], path)
     fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
     P = st.plots
     est = P.get("estimators")

@@ -101,8 +101,14 @@ def run_regime(problem: str, device: str = "cpu", quick: bool = False, log: Call
 def run_problem(problem: str, device: str = "cpu", quick: bool = False, log: Callable = print,
                 checks: str = "all") -> List[Study]:
     """``checks``: ``"paper"`` (the paper's setting, checks 1-5), ``"bilevel"`` (the bilevel training
-    preset's regime; ``"default"``: its name until round 12) or ``"all"``."""
+    preset's regime; ``"default"``: its name until round 12), ``"cut"`` (the default's SVD cut,
+    checks/cut.py) or ``"all"``."""
     out = []
+    if checks in ("all", "cut"):
+        from .checks import cut
+        out += cut.run_cut(problem, device, quick, log)
+    if checks == "cut":
+        return out
     if checks in ("all", "bilevel", "default"):
         out += run_regime(problem, device, quick, log)
     if checks in ("bilevel", "default"):
