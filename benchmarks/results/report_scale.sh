@@ -38,11 +38,23 @@ svd6="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01
     --json "$svd6,benchmarks/results/scale_rt24_lin_adalora1.json,benchmarks/results/scale_rt24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_rt24_lin_adalora12_s345.json,benchmarks/results/scale_rt24_lin_adalora4_s345.json" \
     --out benchmarks/results/scale24_linear_6seeds_svd_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_rt \
     "${svd_default[@]}"
+# tweets over six seeds with AdaLoRA (seeds 0-2 at the tuned 3e-3, seeds 3-5 run in round 13)
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
+    --json "$svd6,benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json" \
+    --out benchmarks/results/scale24_linear_6seeds_svd_tw.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_tw \
+    "${svd_default[@]}"
 # ... and seeds 3-5 alone (fresh seeds: nothing was chosen on them)
 svd345="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json benchmarks/results/scale_{rt,tw}24_lin_deboraP41k_svds01g_s345.json \
     benchmarks/results/scale_rt24_lin_lora{2,4}_s345.json benchmarks/results/scale_rt24_lin_lora18_s345.json \
     benchmarks/results/scale_tw24_lin_lora_s345.json benchmarks/results/scale_rt24_lin_adalora{12,4}_s345.json \
+    benchmarks/results/scale_tw24_lin_adalora124_s345.json \
     2>/dev/null | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
     --json "$svd345" --out benchmarks/results/scale24_linear_s345_svd.md --plot-dir benchmarks/results/scale24_linear_s345_svd \
+    "${svd_default[@]}"
+# round 13: a third text task nothing was tuned on (Amazon review snippets, seeds 0-2), every family at the lr
+# the protocol chose on Rotten Tomatoes
+amz="/dev/null,$(ls benchmarks/results/scale_amz24_*.json | paste -sd, -),$tune"
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks amazon --lr-schedule linear \
+    --json "$amz" --out benchmarks/results/scale24_linear_amazon.md --plot-dir benchmarks/results/scale24_linear_amazon \
     "${svd_default[@]}"
