@@ -5,6 +5,8 @@
 # mean accuracy over the tuning seeds that all of its lrs share (linear: round 8, seeds 100-102).
 # Round 9's seeds 3-5 (*_s345.json, the middle of the Rotten Tomatoes front: dEBORA targets 2 / 4 and
 # LoRA r = 2 / 4 only) go to a table of their own, so that every verdict above compares 3 seeds with 3.
+# Rounds 12-13 add the six-seed tables of the SVD-cut default (with AdaLoRA: *_svd_rt.md, *_svd_tw.md),
+# its fresh-seed table (scale24_linear_s345_svd.md) and Amazon snippets (scale24_linear_amazon.md).
 cd "$(dirname "$0")/../.."
 tune="$(ls benchmarks/results/tune_rt24_*.json benchmarks/results/tune_seeds_rt24_*.json | paste -sd, -)"
 files="/dev/null,$(ls benchmarks/results/scale_rt24_*.json benchmarks/results/scale_tw24_*.json | grep -v '_s345\.json$' | paste -sd, -),$tune"
