@@ -45,6 +45,13 @@ svd6="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01
     --json "$svd6,benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json" \
     --out benchmarks/results/scale24_linear_6seeds_svd_tw.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_tw \
     "${svd_default[@]}"
+# ... and with AdaLoRA at 1e-2 instead (its best lr on tweets' seeds 0-2, not the protocol's: a sensitivity view;
+# AdaLoRA's tuning records are left out so that the report takes its one lr as given)
+tune_noada="$(echo "$tune" | tr , '\n' | grep -v adalora | paste -sd, -)"
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
+    --json "${svd6/$tune/$tune_noada},benchmarks/results/scale_tw24_lin_adalora1_lr1e-2.json,benchmarks/results/scale_tw24_lin_adalora2_lr1e-2.json,benchmarks/results/scale_tw24_lin_adalora4_lr1e-2.json,benchmarks/results/scale_tw24_lin_adalora14_lr1e-2_s345.json,benchmarks/results/scale_tw24_lin_adalora2_lr1e-2_s345.json" \
+    --out benchmarks/results/scale24_linear_6seeds_svd_tw_ada1e-2.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_tw_ada1e-2 \
+    "${svd_default[@]}"
 # ... and seeds 3-5 alone (fresh seeds: nothing was chosen on them)
 svd345="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json benchmarks/results/scale_{rt,tw}24_lin_deboraP41k_svds01g_s345.json \
     benchmarks/results/scale_rt24_lin_lora{2,4}_s345.json benchmarks/results/scale_rt24_lin_lora18_s345.json \
