@@ -16,15 +16,4 @@ for S in $SEEDS; do
     --json benchmarks/results/wall_fmnist11_lora.json &
 wait
 done
-.venv/bin/python - <<'PY'
-import json
-d = {r["seed"]: r for r in json.load(open("benchmarks/results/wall_fmnist11_oblsvd.json"))}
-l = {r["seed"]: r for r in json.load(open("benchmarks/results/wall_fmnist11_lora.json"))}
-ratios = []
-for s in sorted(set(d) & set(l)):
-    ratios.append(d[s]["wall"] / l[s]["wall"])
-    print(f"seed {s}: oblique-svd {d[s]['wall']:.1f} s ({100 * d[s]['acc']:.2f}%), LoRA r=8 {l[s]['wall']:.1f} s "
-          f"({100 * l[s]['acc']:.2f}%): {ratios[-1]:.2f}x")
-if ratios:
-    print(f"mean ratio over {len(ratios)} seed(s): {sum(ratios) / len(ratios):.2f}x")
-PY
+.venv/bin/python benchmarks/wall_ratio.py benchmarks/results/wall_fmnist11_oblsvd.json benchmarks/results/wall_fmnist11_lora.json "oblique-svd" "LoRA r=8"

@@ -11,7 +11,6 @@ export OMP_NUM_THREADS=1
 SEEDS=${SEEDS:-"0 1 2"}
 TASK=${TASK:-rotten-tomatoes}
 if [ "$TASK" = rotten-tomatoes ]; then STEM=wall_text12; else STEM="wall_text12_${TASK//-/_}"; fi
-export STEM
 RT="--tasks $TASK --examples 2400 --epochs 3 --lr-schedule linear --out /tmp/wall_text12/w.md
     --plot-dir /tmp/wall_text12"
 SEL='{"fw_step_size": 0.0, "init_s": 0.1, "prune_by": "svd", "svd_allocation": "sigma2_per_param",
@@ -23,16 +22,4 @@ for S in $SEEDS; do
     --json benchmarks/results/${STEM}_lora.json &
 wait
 done
-.venv/bin/python - <<'PY'
-import json, os
-stem = "benchmarks/results/" + os.environ["STEM"]
-d = {r["seed"]: r for r in json.load(open(stem + "_debora.json"))}
-l = {r["seed"]: r for r in json.load(open(stem + "_lora.json"))}
-ratios = []
-for s in sorted(set(d) & set(l)):
-    ratios.append(d[s]["wall"] / l[s]["wall"])
-    print(f"seed {s}: dEBORA {d[s]['wall']:.1f} s ({100 * d[s]['acc']:.2f}%), LoRA r=8 {l[s]['wall']:.1f} s "
-          f"({100 * l[s]['acc']:.2f}%): {ratios[-1]:.2f}x")
-if ratios:
-    print(f"mean ratio over {len(ratios)} seed(s): {sum(ratios) / len(ratios):.2f}x")
-PY
+.venv/bin/python benchmarks/wall_ratio.py "benchmarks/results/${STEM}_debora.json" "benchmarks/results/${STEM}_lora.json" "dEBORA" "LoRA r=8"
