@@ -41,6 +41,9 @@ RESUME = {"first-order": DEFAULT, "cg": CG, "stochastic-neumann": SNEUMANN}
 # training changed (σ² per parameter), the survivors refolded to their layer's initial Σs
 SVD = dict(DEFAULT, init_s=0.1, fw_step_size=0.0, prune_by="svd", svd_allocation="sigma2_per_param",
            refold_magnitudes="auto")
+# the same cut ranked by its first-order loss cost per parameter (svd_allocation="taylor"): ∂f1/∂W averaged
+# over the ranks' shards
+TAYLOR = dict(SVD, svd_allocation="taylor", taylor_batches=2, taylor_refresh=0.2)
 
 
 class Stop(Exception):
@@ -100,6 +103,7 @@ def main(base: str) -> None:
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_cg"), **CG))
         # 2b. the default's SVD cut (every rank re-factorises the same layers the same way)
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_svd"), **SVD))
+        train(tiny_config(tmp, output_dir=str(tmp / "ddp_taylor"), **TAYLOR))
         # 3. interrupted and resumed runs of three estimators, against uninterrupted ones
         for name, over in RESUME.items():
             full = tiny_config(tmp, output_dir=str(tmp / f"full_{name}"), checkpoint_every=2,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from debora.train.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from debora.train.batchnorm import batch_statistics, batchnorm_layers, recalibrate_batchnorm
 
 
 def _net():
@@ -57,6 +57,28 @@ def test_recalibrated_statistics_are_the_mean_batch_statistics_in_float64():
     net.eval()
     recalibrate_batchnorm(net, batches, lambda m, b: m(b))
     assert not any(m.training for m in net.modules())
+
+
+def test_batch_statistics_normalises_by_the_batch_and_leaves_the_running_estimates_alone():
+    """Inside batch_statistics (the Taylor cut's gradient pass) the net in eval mode computes what the
+    closed form does (batch statistics, dropout off); running estimates, counters and modes unchanged."""
+    net = _net()
+    net.eval()
+    before = copy.deepcopy(net.state_dict())
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    with batch_statistics(net):
+        out = net(x)
+    conv1, bn1, relu, _, conv2, bn2, flat, lin = list(net)
+
+    def bn(h, layer):   # training-mode BatchNorm: the batch mean and biased variance
+        m, v = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=False)
+        return ((h - m[None, :, None, None]) / torch.sqrt(v + layer.eps)[None, :, None, None]
+                * layer.weight[None, :, None, None] + layer.bias[None, :, None, None])
+    ref = lin(flat(bn(conv2(relu(bn(conv1(x), bn1))), bn2)))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(m.training for m in net.modules()) and all(b.track_running_stats for b in batchnorm_layers(net))
 
 
 def test_the_result_does_not_depend_on_the_old_statistics():

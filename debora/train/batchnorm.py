@@ -23,6 +23,7 @@ running averages (which checkpoints do not hold).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterable, List
 
 import torch
@@ -70,3 +71,21 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, forward: Callable
         for m, was in modes.items():
             m.training = was
     return len(layers)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """Inside, every BatchNorm layer normalises with its batch's statistics and leaves its running
+    estimates alone (``training = True``, ``track_running_stats = False``); other modules keep their
+    mode. What a gradient sees there is the network as :func:`recalibrate_batchnorm` will evaluate it:
+    normalised by statistics of the current weights, not by stale running estimates."""
+    layers = batchnorm_layers(model)
+    modes = [(m.training, m.track_running_stats) for m in layers]
+    try:
+        for m in layers:
+            m.train()
+            m.track_running_stats = False
+        yield model
+    finally:
+        for m, (was, track) in zip(layers, modes):
+            m.training, m.track_running_stats = was, track

@@ -77,7 +77,11 @@ class TrainConfig:
     svd_allocation: str = "sigma2_per_param"   # prune_by="svd": which components go first over all layers: the
                                            # smallest σ ("sigma"), or the smallest σ² per parameter a component
                                            # costs ("sigma2_per_param": energy kept per parameter); "uniform":
-                                           # each layer's smallest σ in turn (equal ranks: the ablation)
+                                           # each layer's smallest σ in turn (equal ranks: the ablation);
+                                           # "taylor": the smallest first-order cost of the removal,
+                                           # −scaling·σ_j·u_jᵀ(∂f1/∂W)v_j, per parameter (sensitivity.py)
+    taylor_batches: int = 4                # svd_allocation="taylor": D1 batches that ∂f1/∂W is averaged over
+    taylor_refresh: float = 0.05           # ... recomputed after this fraction of the run (at the next cut)
     svd_unfold: bool = True                # prune_by="svd" on oblique/Stiefel bases: cut ΔW − ΔW0 (what training
                                            # changed) and unfold ΔW0; False: cut ΔW with ΔW0 left folded
     refold_magnitudes: str = "auto"        # prune_by="svd", s held (fw_step_size=0): the survivors of a cut
@@ -160,7 +164,7 @@ class TrainConfig:
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
                               ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
-                              ("svd_allocation", ("sigma", "sigma2_per_param", "uniform")),
+                              ("svd_allocation", ("sigma", "sigma2_per_param", "uniform", "taylor")),
                               ("prune_allocation", PRUNE_ALLOCATIONS),
                               ("refold_magnitudes", ("auto", "off", "init_s", "layer_total"))):
             choice(name, options)
@@ -188,6 +192,11 @@ class TrainConfig:
                 isinstance(tf, float) and not float(tf).is_integer() and not 0 < tf < 1):
             raise ValueError(f"truncate_from (n0) must be an integer iteration or a fraction in (0, 1), "
                              f"got {tf!r}")
+        if not (isinstance(self.taylor_batches, int) and self.taylor_batches >= 1):
+            raise ValueError(f"taylor_batches must be an integer >= 1, got {self.taylor_batches!r}")
+        if not (0.0 <= self.taylor_refresh <= 1.0):
+            raise ValueError(f"taylor_refresh must be a fraction of the run in [0, 1], got "
+                             f"{self.taylor_refresh!r} (0: recompute ∂f1/∂W at every cut)")
         if self.truncate_every < 1:
             raise ValueError(f"truncate_every must be >= 1, got {self.truncate_every!r}")
         if self.log_every < 1:

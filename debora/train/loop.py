@@ -43,13 +43,14 @@ from bilevel.frank_wolfe import AveragingState, GradientAveraging
 
 from . import checkpoint as ckpt
 from . import distributed as distmod
-from .batchnorm import recalibrate_batchnorm
+from .batchnorm import batch_statistics, recalibrate_batchnorm
 from .budget import allocation_key, scheduled_count, smallest_beyond
 from .lr_schedule import lr_factor
 from . import resume as resume_checks
 from .data import Examples, collate, to_device
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
+from .sensitivity import removal_costs, weight_gradients
 from .split import Sampler
 
 from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
@@ -526,6 +527,9 @@ class Trainer:
         S = fw_state.set
         floor = S.floor(dtype=fw_state.x.dtype, device=fw_state.x.device)
 
+        if self.cfg.prune_by == "svd" and self.cfg.svd_allocation == "taylor":
+            self.refresh_weight_gradients(state)
+
         def choose(unfold: bool):
             key = x
             gen = torch.Generator().manual_seed(self.cfg.seed * 100003 + state.iteration)   # resumable
@@ -600,6 +604,28 @@ class Trainer:
         state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
         return force
 
+    def refresh_weight_gradients(self, state: TrainState) -> None:
+        """Ḡ_ℓ = ∂f1/∂W_ℓ of every adapted layer on ``taylor_batches`` D1 batches (dropout off), kept until
+        ``taylor_refresh`` of the run has passed (sensitivity.py); the first cut computes it. Not in the
+        checkpoint: a resumed run recomputes it at its first cut."""
+        cfg = self.cfg
+        cached = getattr(self, "_taylor_grads", None)
+        every = max(1, int(round(cfg.taylor_refresh * self.total_iterations)))
+        if cached is not None and state.iteration - cached["iteration"] < every:
+            return
+        model = self.model
+        # taylor_batches batches of the global size: grad_accum micro-batches each (as the lower steps)
+        batches = (self.batch(self.d1, state.d1.next()) for _ in range(cfg.taylor_batches * cfg.grad_accum))
+
+        def loss_of(batch):
+            with self.autocast():
+                return loss_fn(forward(model, self.task, batch), batch).float()
+        # dropout off; BatchNorm on its batches' statistics, as the recalibrated model is evaluated
+        with eval_mode(model), batch_statistics(model):
+            grads = weight_gradients(self.layers, batches, loss_of,
+                                     reduce=self.dist.mean_ if self.dist is not None else None)
+        self._taylor_grads = {"iteration": state.iteration, "grads": grads}
+
     def refolded_s(self, kept: int) -> float:
         """The s that ``refold_magnitudes`` gives each of a layer's ``kept`` survivors: init_s, or
         ("layer_total") the layer's initial Σs = r0·init_s shared among them."""
@@ -620,6 +646,11 @@ class Trainer:
                           f"larger than 1×1, e.g. {no_svd[0][:-2]!r}); they are ranked by their s, which is "
                           "not on the scale of the others' singular values. Leave them out of "
                           "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
+        if self.cfg.svd_allocation == "taylor":   # first-order cost of the removal per parameter (sensitivity.py)
+            grads = self._taylor_grads["grads"]
+            return torch.cat([(removal_costs(layer, grads[n[: -len(".s")]], unfold).cpu() / layer.component_numel())
+                              if has_svd(layer) else debora.singular_values(layer, unfold).cpu()
+                              for n, layer in zip(layout.names, chosen)]) if chosen else torch.zeros(0)
         parts = [debora.singular_values(layer, unfold).cpu() for layer in chosen]
         if self.cfg.svd_allocation == "sigma2_per_param":   # energy kept per parameter of the component
             parts = [p ** 2 / layer.component_numel() if layer.rank else p for p, layer in zip(parts, chosen)]
