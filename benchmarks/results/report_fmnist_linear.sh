@@ -30,3 +30,16 @@ PY
     --json "$six" --out benchmarks/results/fmnist11_6seeds.md --plot-dir benchmarks/results/fmnist11_6seeds \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 rm -f "$six"
+# round 14: the cut ranked by its first-order loss cost (svd_allocation="taylor") in the image preset, on the
+# tuning seeds 100-102, paired with the preset (sigma2_per_param) at the same budgets. fronts_fmnist14_dev_taylor.json
+# was run before the gradient pass put BatchNorm on batch statistics (running estimates then); the code now
+# does what fronts_fmnist14_dev_taylor_bn.json measured
+{
+    echo "# Fashion-MNIST: svd_allocation=taylor vs the oblique-svd preset, tuning seeds 100-102, paired by seed"
+    echo
+    for a in "oblique-svd r0=8, taylor, BN batch stats" "oblique-svd r0=8, taylor"; do
+        .venv/bin/python benchmarks/variant_paired.py --a "$a" --b "oblique-svd r0=8" --json \
+            "benchmarks/results/fronts_fmnist14_dev_taylor_bn.json,benchmarks/results/fronts_fmnist14_dev_taylor.json,benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+        echo
+    done
+} > benchmarks/results/fmnist14_taylor_paired.md

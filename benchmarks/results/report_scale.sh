@@ -67,3 +67,38 @@ amz="/dev/null,$(ls benchmarks/results/scale_amz24_*.json | paste -sd, -),$tune"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks amazon --lr-schedule linear \
     --json "$amz" --out benchmarks/results/scale24_linear_amazon.md --plot-dir benchmarks/results/scale24_linear_amazon \
     "${svd_default[@]}"
+# round 14: the cut ranked by its first-order loss cost (svd_allocation="taylor", seeds 0-2), against the same
+# LoRA / AdaLoRA rows and the round-12 default; its own dominance line, and the two variants paired by seed
+# (benchmarks/variant_paired.py): on the development seeds 100-102 (Rotten Tomatoes, where it was chosen
+# to go on) and on the report seeds 0-2 (target 1 also 3-5); and the allocation's ablation ("uniform") at
+# target 2 (scale24_linear_allocation14.md)
+tay="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json \
+    benchmarks/results/scale_{rt,tw}24_lin_lora{1,2,4,8}.json benchmarks/results/scale_{rt,tw}24_lin_adalora{1,2}.json \
+    benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json | paste -sd, -),$tune"
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
+    --json "$tay" --out benchmarks/results/scale24_linear_taylor.md --plot-dir benchmarks/results/scale24_linear_taylor \
+    --default-variant "svd cut at s 0.1, taylor/param, refold total"
+{
+    echo "# Round 14: the cut's allocation over layers, paired by seed with the round-12 default (sigma2_per_param)"
+    echo
+    echo "svd_allocation=taylor (the first-order loss cost of each component per parameter):"
+    echo
+    echo "## Development seeds 100-102 (Rotten Tomatoes)"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py \
+        --json "$(ls benchmarks/results/dev14_*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" \
+        --a "svd cut taylor" --b "svd cut at s 0.1, sigma2/param, refold total"
+    echo
+    echo "## Report seeds 0-2 (target 1: and 3-5)"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora1_taylor_s345.json benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" \
+        --a "svd cut at s 0.1, taylor/param, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
+    echo
+    echo "## The allocation's ablation: svd_allocation=uniform (every layer cut to the same rank) vs the default, report seeds 0-2"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora2_svduniform*.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json | paste -sd, -)" \
+        --a "svd cut at s 0.1, uniform, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
+} > benchmarks/results/scale24_linear_allocation14.md

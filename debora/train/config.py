@@ -79,7 +79,8 @@ class TrainConfig:
                                            # costs ("sigma2_per_param": energy kept per parameter); "uniform":
                                            # each layer's smallest σ in turn (equal ranks: the ablation);
                                            # "taylor": the smallest first-order cost of the removal,
-                                           # −scaling·σ_j·u_jᵀ(∂f1/∂W)v_j, per parameter (sensitivity.py)
+                                           # −scaling·σ_j·u_jᵀ(∂f1/∂W)v_j, per parameter (sensitivity.py;
+                                           # measured worse than sigma2_per_param: README round 14)
     taylor_batches: int = 4                # svd_allocation="taylor": D1 batches that ∂f1/∂W is averaged over
     taylor_refresh: float = 0.05           # ... recomputed after this fraction of the run (at the next cut)
     svd_unfold: bool = True                # prune_by="svd" on oblique/Stiefel bases: cut ΔW − ΔW0 (what training
