@@ -21,7 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from finetune_compare import paired_by_seed  # noqa: E402
 
 
-def rows(records, label_a, label_b, lr):
+def rows(records, label_a, label_b, lr, budgets=None):
+    """Markdown rows, one per (task, budget); ``budgets=(budget_a, budget_b)`` pairs A at one budget with
+    B at another instead (e.g. a fixed rank with a cut to that rank)."""
     groups = {}
     for r in records:
         if r["method"] != "debora" or abs(r["lr"] - lr) > 1e-12:
@@ -30,6 +32,10 @@ def rows(records, label_a, label_b, lr):
             for label in labels.split("|"):
                 if r["setting"].endswith(" " + label):
                     budget = r["setting"][: -len(label) - 1]
+                    if budgets is not None:
+                        if budget != budgets[0 if which == "a" else 1]:
+                            continue
+                        budget = f"{budgets[0]} vs {budgets[1]}"
                     groups.setdefault((r["task"], budget), {"a": {}, "b": {}})[which][r["seed"]] = r
     out = []
     for (task, budget), g in sorted(groups.items()):
@@ -51,12 +57,15 @@ def main(argv=None) -> int:
     ap.add_argument("--a", required=True, help="label(s) of variant A (the end of its records' setting; several: 'L1|L2')")
     ap.add_argument("--b", required=True, help="label of variant B")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--budgets", default=None, help="'BUDGET_A,BUDGET_B': pair A at one budget with B at "
+                                                   "another (e.g. 'init_rank=2,target_rank=2')")
     args = ap.parse_args(argv)
     records = [r for f in args.json.split(",") if f for r in json.load(open(f))]
     print(f"A = {args.a!r}, B = {args.b!r} (dEBORA records at lr {args.lr:g})\n")
     print("| task | budget | seeds | A: acc % (adapter) | B: acc % (adapter) | A − B, points [95% CI] | verdict |")
     print("|---|---|---|---|---|---|---|")
-    print("\n".join(rows(records, args.a, args.b, args.lr)))
+    budgets = tuple(args.budgets.split(",")) if args.budgets else None
+    print("\n".join(rows(records, args.a, args.b, args.lr, budgets)))
     return 0
 
 

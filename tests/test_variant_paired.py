@@ -39,3 +39,11 @@ def test_rows_say_which_way_a_separated_difference_goes(b_accs, verdict):
     recs = [_rec("x A", s, 0.80 + 0.01 * s) for s in range(3)] + [_rec("x B", s, a) for s, a in enumerate(b_accs)]
     (row,) = vp.rows(recs, "A", "B", 3e-3)
     assert row.endswith(f"| {verdict} |")
+
+
+def test_budgets_pair_a_at_one_budget_with_b_at_another():
+    recs = [_rec("init_rank=2 A", s, 0.80) for s in range(3)] + [_rec("target_rank=2 B", s, 0.79) for s in range(3)] \
+        + [_rec("target_rank=1 B", s, 0.10) for s in range(3)]
+    assert vp.rows(recs, "A", "B", 3e-3) == []                          # no shared budget
+    (row,) = vp.rows(recs, "A", "B", 3e-3, budgets=("init_rank=2", "target_rank=2"))
+    assert "| init_rank=2 vs target_rank=2 | 0,1,2 |" in row and "+1.00" in row
