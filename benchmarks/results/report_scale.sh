@@ -102,9 +102,10 @@ tay="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json
         benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json | paste -sd, -)" \
         --a "svd cut at s 0.1, uniform, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
     echo
-    echo "## Without the cut: the same adapter trained at a fixed rank 2 (s held at 0.1, per-component magnitude 1.6 as the default's survivors) vs the default's cut from 8 to 2, report seeds 0-2"
+    echo "## Without the cut: the same adapter trained at a fixed rank 2 (s held at 0.1, per-component magnitude 1.6 as the default's survivors) vs the default's cut from 8 to 2, report seeds 0-5"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora_r02_fixed.json \
-        benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json | paste -sd, -)" --budgets init_rank=2,target_rank=2 \
+    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora_r02_fixed*.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json \
+        | paste -sd, -)" --budgets init_rank=2,target_rank=2 \
         --a "fixed r0, s held at 0.1, no cut" --b "svd cut at s 0.1, sigma2/param, refold total"
 } > benchmarks/results/scale24_linear_allocation14.md
