@@ -535,6 +535,13 @@ def paired_by_seed(deb_records, rival_records):
     return seeds, diffs, mean, (mean - half, mean + half)
 
 
+def paired_verdict(ci, subject: str = "dEBORA") -> str:
+    """What a paired interval says: "not separated" (no interval, or it contains 0), or the subject
+    above / below."""
+    return ("not separated" if ci is None or ci[0] <= 0 <= ci[1]
+            else f"{subject} above" if ci[0] > 0 else f"{subject} below")
+
+
 def _paired_lines(deb, rivals):
     out = []
     for (m, s), rs in sorted(rivals.items()):
@@ -542,8 +549,7 @@ def _paired_lines(deb, rivals):
         seeds, diffs, mean, ci = paired_by_seed(drs, rs)
         if mean is None:
             continue
-        verdict = ("not separated" if ci is None or ci[0] <= 0 <= ci[1]
-                   else "dEBORA above" if ci[0] > 0 else "dEBORA below")
+        verdict = paired_verdict(ci)
         out.append(f"  - paired by seed vs {m} {s} ({len(seeds)} seeds): dEBORA {dk[1]} ({how}) "
                    f"{mean:+.2f} points (per seed {' / '.join(f'{d:+.2f}' for d in diffs)}"
                    + (f"; 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f") → {verdict}")

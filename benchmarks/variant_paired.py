@@ -18,7 +18,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_compare import paired_by_seed  # noqa: E402
+from finetune_compare import paired_by_seed, paired_verdict  # noqa: E402
 
 
 def rows(records, label_a, label_b, lr, budgets=None):
@@ -44,7 +44,7 @@ def rows(records, label_a, label_b, lr, budgets=None):
             continue
         size = lambda side: statistics.mean(g[side][s]["adapter_params"] for s in seeds)  # noqa: E731
         acc = lambda side: statistics.mean(100 * g[side][s]["acc"] for s in seeds)  # noqa: E731
-        verdict = ("not separated" if ci is None or ci[0] <= 0 <= ci[1] else "A above" if ci[0] > 0 else "A below")
+        verdict = paired_verdict(ci, "A")
         out.append(f"| {task} | {budget} | {','.join(map(str, seeds))} | {acc('a'):.2f} ({size('a') / 1e3:.1f}k) | "
                    f"{acc('b'):.2f} ({size('b') / 1e3:.1f}k) | {mean:+.2f} "
                    + (f"[{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "") + f" | {verdict} |")
