@@ -78,6 +78,7 @@ def _task_config(spec, **extra):
 
 def run_debora(spec) -> dict:
     import torch
+    import debora
     from debora.train import TrainConfig, train
     from debora.train.batchnorm import batchnorm_layers
     overrides = _task_config(spec, epochs=spec["epochs"], batch_size=spec["batch_size"], lr=spec["lr"],
@@ -96,7 +97,8 @@ def run_debora(spec) -> dict:
     return {"acc": s["eval_acc_end"], "acc_start": s["eval_acc_start"], "params": s["trainable_end"],
             "adapter_params": s["adapter_end"], "head_params": head, "params_start": s["trainable_start"],
             "rank": s["rank_end"], "rank_start": s["rank_start"], "wall": wall,
-            "mem": _peak_memory_mb(torch.device(s["device"])), "bn_stats": _bn_stats(cfg.recalibrate_bn, bn)}
+            "mem": _peak_memory_mb(torch.device(s["device"])), "bn_stats": _bn_stats(cfg.recalibrate_bn, bn),
+            "ranks": {k: int(v) for k, v in debora.rank_pattern(res.model).items()}}   # final rank per layer
 
 
 def _bn_stats(recalibrate: bool, layers: int) -> str:

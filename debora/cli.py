@@ -57,10 +57,11 @@ FLAGS = [
     ("--svd-allocation", "svd_allocation", str, "with --prune-by svd: sigma (smallest σ over all layers) | "
                                                 "sigma2_per_param (default: smallest σ² per parameter of a component) | uniform (each "
                                                 "layer's σ-tail in turn: equal ranks) | taylor (smallest "
-                                                "first-order loss cost of the removal per parameter)"),
-    ("--taylor-batches", "taylor_batches", int, "with --svd-allocation taylor: D1 batches ∂f1/∂W is "
-                                                "averaged over (default 4)"),
-    ("--taylor-refresh", "taylor_refresh", float, "with --svd-allocation taylor: ∂f1/∂W is recomputed "
+                                                "first-order loss cost of the removal per parameter) | "
+                                                "fisher (smallest second-order cost: K-FAC Fisher)"),
+    ("--taylor-batches", "taylor_batches", int, "with --svd-allocation taylor/fisher: D1 batches ∂f1/∂W "
+                                                "(or the Fisher's factors) is averaged over (default 4)"),
+    ("--taylor-refresh", "taylor_refresh", float, "with --svd-allocation taylor/fisher: it is recomputed "
                                                   "after this fraction of the run (default 0.05)"),
     ("--refold-magnitudes", "refold_magnitudes", str, "with --prune-by svd, s held and oblique/Stiefel "
                                                       "bases: the survivors of a cut get s = init-s back "

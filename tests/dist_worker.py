@@ -44,6 +44,9 @@ SVD = dict(DEFAULT, init_s=0.1, fw_step_size=0.0, prune_by="svd", svd_allocation
 # the same cut ranked by its first-order loss cost per parameter (svd_allocation="taylor"): ∂f1/∂W averaged
 # over the ranks' shards
 TAYLOR = dict(SVD, svd_allocation="taylor", taylor_batches=2, taylor_refresh=0.2)
+# ... and by its second-order cost under the Kronecker-factored Fisher (svd_allocation="fisher"): the
+# factors averaged over the ranks' shards
+FISHER = dict(TAYLOR, svd_allocation="fisher")
 
 
 class Stop(Exception):
@@ -104,6 +107,7 @@ def main(base: str) -> None:
         # 2b. the default's SVD cut (every rank re-factorises the same layers the same way)
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_svd"), **SVD))
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_taylor"), **TAYLOR))
+        train(tiny_config(tmp, output_dir=str(tmp / "ddp_fisher"), **FISHER))
         # 3. interrupted and resumed runs of three estimators, against uninterrupted ones
         for name, over in RESUME.items():
             full = tiny_config(tmp, output_dir=str(tmp / f"full_{name}"), checkpoint_every=2,

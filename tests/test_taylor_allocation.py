@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 import debora
 from debora.layers import make_adapter
 from debora.refactor import _svd
-from debora.train.sensitivity import removal_costs, weight_gradients
+from debora.train.sensitivity import kronecker_factors, removal_costs, weight_gradients
 from test_train_tiny import one_thread, tiny_config  # noqa: F401  (autouse fixture)
 
 D = torch.float64
@@ -84,7 +84,7 @@ def test_training_with_the_taylor_allocation_reaches_the_budget_and_refreshes_th
     refreshed = []
 
     def spy(trainer, state, extra):
-        g = getattr(trainer, "_taylor_grads", None)
+        g = getattr(trainer, "_sensitivity", None)
         if g is not None and (not refreshed or refreshed[-1] != g["iteration"]):
             refreshed.append(g["iteration"])
     cfg = tiny_config(tmp_path, **dict(PRESETS["oblique-svd"], init_rank=4, target_rank=1.0, epochs=4.0,
@@ -107,3 +107,94 @@ def test_taylor_options_are_validated():
     with pytest.raises(ValueError, match="taylor_refresh"):
         TrainConfig(taylor_refresh=1.5)
     assert TrainConfig(svd_allocation="taylor").svd_allocation == "taylor"
+
+
+# ---------------------------------------------------------------- second order: svd_allocation="fisher"
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv", "conv_strided"])
+def test_kronecker_factors_are_the_input_and_per_example_gradient_second_moments(kind):
+    """A = mean over positions of x xᵀ; S = mean over examples of Σ_t δ_t δ_tᵀ with δ the gradient of the
+    example's *own* loss (computed here one example at a time), for a loss that is the batch mean."""
+    gen = torch.Generator().manual_seed(5)
+    if kind == "conv_strided":        # a 1×1 conv with stride 2 and padding 1: the positions it reads
+        torch.manual_seed(2)
+        base = nn.Conv2d(7, 5, 1, stride=2, padding=1).to(D)
+        base.requires_grad_(False)
+        layer = make_adapter("m", base, "oblique", 1.7)
+        layer.init_(3, 0.5, torch.Generator().manual_seed(2))
+        x = torch.randn(4, 7, 5, 4, generator=gen, dtype=D)
+    else:
+        layer = _layer(kind, "oblique", 2)
+        x = torch.randn((4, 7, 2, 3) if kind == "conv" else (4, 3, 7), generator=gen, dtype=D)
+    c = torch.randn(layer(x).shape[1:], generator=gen, dtype=D)
+
+    def per_example(y):               # a non-linear loss of one example's output
+        return torch.log1p(((y * c).sum()) ** 2) + (y ** 3 * c).sum() / 7
+
+    def loss_of(b):
+        return torch.stack([per_example(y) for y in layer(b)]).mean()
+    batches = [x, x.flip(0) * 0.5]
+    factors = kronecker_factors({"m": layer}, batches, loss_of)
+    A, S = factors["m"]
+    assert not layer.weight_ref.requires_grad               # restored
+    xs, ss, n_pos, n_ex = 0, 0, 0, 0
+    for b in batches:
+        read = torch.nn.functional.pad(b, (1, 1, 1, 1))[:, :, ::2, ::2] if kind == "conv_strided" else b
+        rows = read.permute(0, 2, 3, 1).reshape(-1, 7) if b.dim() == 4 else read.reshape(-1, 7)
+        xs, n_pos = xs + rows.T @ rows, n_pos + rows.shape[0]
+        for i in range(b.shape[0]):                   # δ of example i's own loss at the base output
+            xi = b[i:i + 1]
+            y = layer.base(xi).detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(per_example((y + (layer(xi) - layer.base(xi)).detach())[0]), y)
+            g = g.permute(0, 2, 3, 1).reshape(-1, 5) if g.dim() == 4 else g.reshape(-1, 5)
+            ss, n_ex = ss + g.T @ g, n_ex + 1
+    torch.testing.assert_close(A, xs / n_pos, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(S, ss / n_ex, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("unfold", [False, True])
+def test_curvature_costs_are_the_kronecker_fisher_quadratic_form_of_each_removed_component(unfold):
+    """½ vec(ΔW_j)ᵀ (A ⊗ S) vec(ΔW_j) for ΔW_j = scaling·σ_j u_j v_jᵀ, against the explicit Kronecker
+    product in float64; with one example at one position A ⊗ S is the empirical Fisher g gᵀ exactly."""
+    from debora.train.sensitivity import curvature_costs
+    layer = _layer("linear", "oblique", 7)
+    gen = torch.Generator().manual_seed(3)
+    a, s = torch.randn(7, 7, generator=gen, dtype=D), torch.randn(5, 5, generator=gen, dtype=D)
+    A, S = a @ a.T, s @ s.T
+    cost = curvature_costs(layer, (A, S), unfold)
+    P, sig, Q = _svd(layer, unfold)
+    K = torch.kron(A, S)                                    # vec (column-major) of an out × in matrix
+    for j in range(layer.rank):
+        d = (layer.scaling * sig[j] * torch.outer(P[:, j], Q[:, j])).T.reshape(-1)
+        torch.testing.assert_close(cost[j], 0.5 * d @ K @ d, rtol=1e-10, atol=1e-12)
+    x = torch.randn(1, 7, generator=gen, dtype=D)
+    (A1, S1), = kronecker_factors({"m": layer}, [x], lambda b: torch.sin(layer(b)).sum()).values()
+    g = torch.autograd.functional.jacobian(
+        lambda w: torch.sin(torch.func.functional_call(layer, {"base.weight": w}, (x,))).sum(),
+        layer.weight_ref.detach())
+    cost1 = curvature_costs(layer, (A1, S1), unfold)
+    for j in range(layer.rank):
+        dW = layer.scaling * sig[j] * torch.outer(P[:, j], Q[:, j])
+        torch.testing.assert_close(cost1[j], 0.5 * (dW * g).sum() ** 2, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_training_with_the_fisher_allocation_reaches_the_budget(tmp_path):
+    from debora.train import train
+    from debora.train.config import PRESETS
+    refreshed = []
+
+    def spy(trainer, state, extra):
+        g = getattr(trainer, "_sensitivity", None)
+        if g is not None and (not refreshed or refreshed[-1] != g["iteration"]):
+            refreshed.append(g["iteration"])
+            assert all(A.shape[0] == A.shape[1] and torch.all(torch.diagonal(A) >= 0)
+                       for A, _ in g["data"].values())
+    cfg = tiny_config(tmp_path, **dict(PRESETS["oblique-svd"], init_rank=4, target_rank=1.0, epochs=4.0,
+                                       eval_every=0, svd_allocation="fisher", taylor_batches=2,
+                                       taylor_refresh=0.25, output_dir=str(tmp_path / "fisher")))
+    res = train(cfg, callback=spy)
+    layers = debora.adapter_layers(res.model)
+    assert sum(debora.rank_pattern(res.model).values()) == len(layers)
+    assert len(refreshed) >= 2
+    assert all(not l.weight_ref.requires_grad for l in layers.values())

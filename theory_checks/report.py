@@ -37,7 +37,8 @@ def plot_cut(cut: dict, path: str) -> None:
     exact = np.array([c["exact"] for c in comps])
     kept = np.argsort(-exact)[:cut["k"]]
     fields = {"σ²/param (default)": "sig2pp", "first-order Taylor (hypergradient)": "taylor1",
-              "second-order Taylor": "taylor2"}
+              "second-order Taylor": "taylor2", "K-FAC Fisher (svd_allocation=fisher)": "kfac"}
+    fields = {label: f for label, f in fields.items() if f in comps[0]}     # records before the Fisher keys
     fig, ax = plt.subplots(1, len(fields), figsize=(5 * len(fields), 4.2))
     for a, (label, field) in zip(ax, fields.items()):
         key = np.array([c[field] for c in comps])

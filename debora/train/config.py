@@ -80,8 +80,12 @@ class TrainConfig:
                                            # each layer's smallest σ in turn (equal ranks: the ablation);
                                            # "taylor": the smallest first-order cost of the removal,
                                            # −scaling·σ_j·u_jᵀ(∂f1/∂W)v_j, per parameter (sensitivity.py;
-                                           # measured worse than sigma2_per_param: README round 14)
-    taylor_batches: int = 4                # svd_allocation="taylor": D1 batches that ∂f1/∂W is averaged over
+                                           # measured worse than sigma2_per_param: README round 14);
+                                           # "fisher": the smallest second-order cost,
+                                           # ½(scaling·σ_j)²(u_jᵀS u_j)(v_jᵀA v_j), per parameter (the
+                                           # Kronecker-factored per-example Fisher; sensitivity.py)
+    taylor_batches: int = 4                # svd_allocation="taylor"/"fisher": D1 batches that ∂f1/∂W (or the
+                                           # Fisher's factors) is averaged over
     taylor_refresh: float = 0.05           # ... recomputed after this fraction of the run (at the next cut)
     svd_unfold: bool = True                # prune_by="svd" on oblique/Stiefel bases: cut ΔW − ΔW0 (what training
                                            # changed) and unfold ΔW0; False: cut ΔW with ΔW0 left folded
@@ -165,7 +169,7 @@ class TrainConfig:
         for name, options in (("budget", BUDGETS), ("basis", BASES), ("fw", FW_METHODS),
                               ("fw_step", FW_STEPS), ("split", SPLITS), ("task", TASKS),
                               ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
-                              ("svd_allocation", ("sigma", "sigma2_per_param", "uniform", "taylor")),
+                              ("svd_allocation", ("sigma", "sigma2_per_param", "uniform", "taylor", "fisher")),
                               ("prune_allocation", PRUNE_ALLOCATIONS),
                               ("refold_magnitudes", ("auto", "off", "init_s", "layer_total"))):
             choice(name, options)
@@ -197,7 +201,7 @@ class TrainConfig:
             raise ValueError(f"taylor_batches must be an integer >= 1, got {self.taylor_batches!r}")
         if not (0.0 <= self.taylor_refresh <= 1.0):
             raise ValueError(f"taylor_refresh must be a fraction of the run in [0, 1], got "
-                             f"{self.taylor_refresh!r} (0: recompute ∂f1/∂W at every cut)")
+                             f"{self.taylor_refresh!r} (0: recompute ∂f1/∂W or the Fisher factors at every cut)")
         if self.truncate_every < 1:
             raise ValueError(f"truncate_every must be >= 1, got {self.truncate_every!r}")
         if self.log_every < 1:

@@ -50,7 +50,7 @@ from . import resume as resume_checks
 from .data import Examples, collate, to_device
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
-from .sensitivity import removal_costs, weight_gradients
+from .sensitivity import curvature_costs, kronecker_factors, removal_costs, weight_gradients
 from .split import Sampler
 
 from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
@@ -527,8 +527,8 @@ class Trainer:
         S = fw_state.set
         floor = S.floor(dtype=fw_state.x.dtype, device=fw_state.x.device)
 
-        if self.cfg.prune_by == "svd" and self.cfg.svd_allocation == "taylor":
-            self.refresh_weight_gradients(state)
+        if self.cfg.prune_by == "svd" and self.cfg.svd_allocation in ("taylor", "fisher"):
+            self.refresh_sensitivity(state)
 
         def choose(unfold: bool):
             key = x
@@ -604,12 +604,13 @@ class Trainer:
         state.fw_state = dataclasses.replace(fw_state, x=fresh.x, weights=fresh.weights)
         return force
 
-    def refresh_weight_gradients(self, state: TrainState) -> None:
-        """Ḡ_ℓ = ∂f1/∂W_ℓ of every adapted layer on ``taylor_batches`` D1 batches (dropout off), kept until
-        ``taylor_refresh`` of the run has passed (sensitivity.py); the first cut computes it. Not in the
-        checkpoint: a resumed run recomputes it at its first cut."""
+    def refresh_sensitivity(self, state: TrainState) -> None:
+        """What the Taylor keys project the components on (sensitivity.py), from ``taylor_batches`` D1
+        batches (dropout off), kept until ``taylor_refresh`` of the run has passed; the first cut computes
+        it: Ḡ_ℓ = ∂f1/∂W_ℓ ("taylor"), or the Kronecker factors (A_ℓ, S_ℓ) of the per-example Fisher
+        ("fisher"). Not in the checkpoint: a resumed run recomputes it at its first cut."""
         cfg = self.cfg
-        cached = getattr(self, "_taylor_grads", None)
+        cached = getattr(self, "_sensitivity", None)
         every = max(1, int(round(cfg.taylor_refresh * self.total_iterations)))
         if cached is not None and state.iteration - cached["iteration"] < every:
             return
@@ -620,11 +621,12 @@ class Trainer:
         def loss_of(batch):
             with self.autocast():
                 return loss_fn(forward(model, self.task, batch), batch).float()
+        statistics = kronecker_factors if cfg.svd_allocation == "fisher" else weight_gradients
         # dropout off; BatchNorm on its batches' statistics, as the recalibrated model is evaluated
         with eval_mode(model), batch_statistics(model):
-            grads = weight_gradients(self.layers, batches, loss_of,
-                                     reduce=self.dist.mean_ if self.dist is not None else None)
-        self._taylor_grads = {"iteration": state.iteration, "grads": grads}
+            data = statistics(self.layers, batches, loss_of,
+                              reduce=self.dist.mean_ if self.dist is not None else None)
+        self._sensitivity = {"iteration": state.iteration, "data": data}
 
     def refolded_s(self, kept: int) -> float:
         """The s that ``refold_magnitudes`` gives each of a layer's ``kept`` survivors: init_s, or
@@ -646,11 +648,18 @@ class Trainer:
                           f"larger than 1×1, e.g. {no_svd[0][:-2]!r}); they are ranked by their s, which is "
                           "not on the scale of the others' singular values. Leave them out of "
                           "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
-        if self.cfg.svd_allocation == "taylor":   # first-order cost of the removal per parameter (sensitivity.py)
-            grads = self._taylor_grads["grads"]
-            return torch.cat([(removal_costs(layer, grads[n[: -len(".s")]], unfold).cpu() / layer.component_numel())
-                              if has_svd(layer) else debora.singular_values(layer, unfold).cpu()
-                              for n, layer in zip(layout.names, chosen)]) if chosen else torch.zeros(0)
+        if self.cfg.svd_allocation in ("taylor", "fisher"):   # Taylor cost of the removal per parameter
+            data, cost = self._sensitivity["data"], (removal_costs if self.cfg.svd_allocation == "taylor"
+                                                     else curvature_costs)
+
+            def taylor_key(name, layer):
+                if not has_svd(layer):
+                    return debora.singular_values(layer, unfold).cpu()
+                if name not in data:      # not on the forward path of the loss: it contributes nothing
+                    return torch.zeros(layer.rank, dtype=layer.s.dtype)
+                return cost(layer, data[name], unfold).cpu() / layer.component_numel()
+            return torch.cat([taylor_key(n[: -len(".s")], layer) for n, layer in zip(layout.names, chosen)]) \
+                if chosen else torch.zeros(0)
         parts = [debora.singular_values(layer, unfold).cpu() for layer in chosen]
         if self.cfg.svd_allocation == "sigma2_per_param":   # energy kept per parameter of the component
             parts = [p ** 2 / layer.component_numel() if layer.rank else p for p, layer in zip(parts, chosen)]

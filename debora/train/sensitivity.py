@@ -1,4 +1,5 @@
-"""The first-order (Taylor) cost of removing each SVD component of an adapter: ``svd_allocation="taylor"``.
+"""The Taylor cost of removing each SVD component of an adapter: first order (``svd_allocation="taylor"``)
+and second order through a Kronecker-factored Fisher (``svd_allocation="fisher"``).
 
 An SVD cut removes component j of layer ℓ, W_ℓ → W_ℓ − scaling · σ_j u_j v_jᵀ (its singular triplet
 of ΔW, or of ΔW − ΔW0 when the cut unfolds the initial update: refactor.py). To first order the upper
@@ -20,12 +21,27 @@ layers use their batches' statistics during that pass (the function the recalibr
 Measured (README, "Rank selection", round 14): not better than the default's σ² per parameter. On text
 level at target 1 and below at targets 2 and 4 (seeds 0-2/0-5, paired), on Fashion-MNIST 7-8 points
 below (it empties the early layers under a global budget). Kept as an option.
+
+Second order (``"fisher"``, Optimal Brain Damage): at a minimum of f1 the first-order term vanishes and
+
+    Δf1_j ≈ ½ (scaling · σ_j)² ⟨u_j v_jᵀ, F_ℓ [u_j v_jᵀ]⟩ ≈ ½ (scaling · σ_j)² (u_jᵀ S_ℓ u_j)(v_jᵀ A_ℓ v_j),
+
+F_ℓ the empirical Fisher E_i[vec(g_i) vec(g_i)ᵀ] of the per-example gradients g_i = ∂ℓ_i/∂W_ℓ = Σ_t δ_it x_itᵀ
+(t: the positions a weight is applied at: tokens, or pixels of a 1×1 conv), in its Kronecker-factored form
+(K-FAC, Martens & Grosse 2015, one factor per side, cross-position terms dropped):
+
+    A_ℓ = mean over positions of x xᵀ (in × in),     S_ℓ = mean over examples of Σ_t δ δᵀ (out × out),
+
+δ the gradient of the example's own loss with respect to the layer's output. The key is that cost per
+parameter; it is never negative, so it says what a component contributes, not where the loss wants to go
+(the first-order key's failure). A_ℓ and S_ℓ are cached like Ḡ_ℓ and projected on the current components.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Mapping, Optional
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from debora.refactor import _svd, has_svd
@@ -70,3 +86,85 @@ def removal_costs(layer: nn.Module, grad: torch.Tensor, unfold: bool = False) ->
         G = G.transpose(0, 1)
     projected = ((P.transpose(0, 1) @ G) * Q.transpose(0, 1)).sum(1)    # u_jᵀ Ḡ v_j
     return -layer.scaling * sig * projected
+
+
+def _positions(base: nn.Module, x: torch.Tensor, out: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(X, Δ): the layer's inputs and output gradients one row per position (tokens, or the pixels a 1×1
+    convolution is applied at: its input padded and strided like the convolution)."""
+    if x.dim() == 4:    # 1×1 Conv2d: N × C × H × W
+        ph, pw = base.padding if isinstance(base.padding, tuple) else (0, 0)
+        sh, sw = base.stride
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        x = x[:, :, ::sh, ::sw]
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    return x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+
+
+def kronecker_factors(layers: Mapping[str, nn.Module], batches: Iterable[dict],
+                      loss_of: Callable[[dict], torch.Tensor],
+                      reduce: Optional[Callable[[list], None]] = None
+                      ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+    """(A_ℓ, S_ℓ) of every layer with an SVD (float32): A_ℓ the mean over positions of the base layer's input
+    x xᵀ, S_ℓ the mean over examples of Σ_positions δ δᵀ, δ the gradient of the example's own loss with
+    respect to the base layer's output (``loss_of`` is the batch mean of per-example losses: the batch's
+    gradient times its leading size). ``reduce`` (several processes) averages the list in place. The base
+    weights' ``requires_grad`` is restored afterwards; no parameter's ``.grad`` is touched."""
+    chosen = {n: layer for n, layer in layers.items() if has_svd(layer)}
+    weights = [layer.weight_ref for layer in chosen.values()]
+    flags = [w.requires_grad for w in weights]
+    seen: Dict[str, list] = {n: [] for n in chosen}
+    A = {n: None for n in chosen}
+    S = {n: None for n in chosen}
+    counts = {n: 0 for n in chosen}
+
+    def hook(name):
+        def capture(module, args, output):
+            seen[name].append((args[0].detach(), output))
+        return capture
+    handles = [layer.base.register_forward_hook(hook(n)) for n, layer in chosen.items()]
+    try:
+        for w in weights:      # every base output then carries a gradient (the first layer's too)
+            w.requires_grad_(True)
+        for batch in batches:
+            for lst in seen.values():
+                lst.clear()
+            loss = loss_of(batch)
+            calls = [(n, x, out) for n, lst in seen.items() for x, out in lst]
+            grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+            size = calls[0][1].shape[0] if calls else 0      # the batch's examples (leading dimension)
+            for (n, x, out), g in zip(calls, grads):
+                if g is None:
+                    g = torch.zeros_like(out)
+                dtype = torch.promote_types(x.dtype, torch.float32)
+                X, D = _positions(chosen[n].base, x.to(dtype), g.to(dtype) * size)
+                a, s_ = X.transpose(0, 1) @ X / X.shape[0], D.transpose(0, 1) @ D / size
+                A[n] = a if A[n] is None else A[n] + a
+                S[n] = s_ if S[n] is None else S[n] + s_
+                counts[n] += 1
+
+    finally:
+        for h in handles:
+            h.remove()
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+        for lst in seen.values():
+            lst.clear()
+    names = [n for n in chosen if A[n] is not None]
+    flat = [A[n] / counts[n] for n in names] + [S[n] / counts[n] for n in names]
+    if reduce is not None and flat:
+        reduce(flat)
+    return {n: (flat[i], flat[len(names) + i]) for i, n in enumerate(names)}
+
+
+@torch.no_grad()
+def curvature_costs(layer: nn.Module, factors: Tuple[torch.Tensor, torch.Tensor],
+                    unfold: bool = False) -> torch.Tensor:
+    """½ (scaling · σ_j)² (u_jᵀ S u_j)(v_jᵀ A v_j) for the leading ``layer.rank`` SVD components of the
+    layer's update (of ΔW − ΔW0 with ``unfold``): their second-order removal cost under the
+    Kronecker-factored Fisher ``factors`` = (A, S) of :func:`kronecker_factors`."""
+    P, sig, Q = _svd(layer, unfold)
+    A, S = (f.to(P) for f in factors)
+    out_side = ((S @ P) * P).sum(0)
+    in_side = ((A @ Q) * Q).sum(0)
+    return 0.5 * (layer.scaling * sig) ** 2 * out_side * in_side

@@ -16,6 +16,10 @@ leading r0 components of every layer's C_ℓ are compared by
 - the first-order Taylor estimate −σ_j ⟨∂_Ψ f, u_j v_jᵀ⟩ / p_ℓ: the hypergradient's signal (with D1 = D2 at a
   converged lower level ∂f/∂σ_j is the hypergradient of the component's magnitude, the envelope theorem),
   and the second-order one, adding ½σ_j² ⟨u_j v_jᵀ, ∇²_Ψ f [u_j v_jᵀ]⟩ (one HVP per component);
+- the second-order cost at a minimum with the empirical Fisher for the Hessian (Optimal Brain Damage),
+  ½σ_j² mean_i ⟨g_i, u_j v_jᵀ⟩² / p_ℓ (g_i: example i's own gradient, one backward per example), and its
+  Kronecker-factored form ½σ_j² (u_jᵀ S_ℓ u_j)(v_jᵀ A_ℓ v_j) / p_ℓ, the key ``svd_allocation="fisher"``
+  trains with, computed by the trainer's own ``debora.train.sensitivity.kronecker_factors`` (batches of 32);
 
 by Spearman's rank correlation with Δ_j / p_ℓ, and by the loss increase of cutting to the default's count
 (target_rank × layers, every layer keeping its best component, as the trainer does) with each key, against
@@ -136,6 +140,29 @@ def loss_verdict(ratio: float) -> str:
     return CR.FAILS if ratio > CR.CUT_LOSS_FAILS else CR.INCONCLUSIVE
 
 
+def fisher_keys(ap: AdapterProblem, head, psi, comps, D, batch: int = 32):
+    """(empirical Fisher, K-FAC Fisher) removal cost per parameter of every component at Ψ: ½σ² mean_i
+    ⟨g_i, u vᵀ⟩² / p with g_i = ∂ℓ_i/∂Ψ_ℓ one example at a time, and ½σ² (uᵀS u)(vᵀA v) / p with (A, S) from
+    ``debora.train.sensitivity.kronecker_factors`` over batches of ``batch`` examples (the trainer's code)."""
+    from debora.train.sensitivity import kronecker_factors
+    n = next(iter(D.values())).shape[0]
+    sums = [0.0] * len(comps)
+    for i in range(n):
+        one = {k: v[i:i + 1] for k, v in D.items()}
+        g = torch.func.grad(lambda dd: ap.loss_of_deltas(dd, head, one))(psi)
+        for c, (name, _, _, u, v, _) in enumerate(comps):
+            sums[c] += float(u @ g[name].detach().double() @ v) ** 2
+    fisher = [0.5 * c[2] ** 2 * q / n / c[5] for c, q in zip(comps, sums)]
+    leaves = {k: t.detach().clone().requires_grad_(True) for k, t in psi.items()}
+    chunks = [{k: v[i:i + batch] for k, v in D.items()} for i in range(0, n, batch)]
+    factors = kronecker_factors(ap.adapters, chunks, lambda b: ap.loss_of_deltas(leaves, head, b))
+    kfac = []
+    for name, _, sg, u, v, p in comps:
+        A, S = (f.double() for f in factors[name])
+        kfac.append(0.5 * sg * sg * float(u @ S @ u) * float(v @ A @ v) / p)
+    return fisher, kfac
+
+
 def run(st: Study) -> Dict[str, object]:
     ap, cfg, P = st.ap, st.cfg, PRESET
     d0 = fold_start(ap)
@@ -165,9 +192,11 @@ def run(st: Study) -> Dict[str, object]:
         taylor2.append((g1 + 0.5 * sg * sg * curv) / p)
         sigma.append(sg)
         sig2pp.append(sg * sg / p)
+    fisher, kfac = fisher_keys(ap, head, psi, comps, D)
     k = int(round(P["target_rank"] * len(ap.layers)))
     keys = {"σ²/param (default)": sig2pp, "σ": sigma, "first-order Taylor (hypergradient)": taylor1,
-            "second-order Taylor": taylor2}
+            "second-order Taylor": taylor2, "empirical Fisher (OBD)": fisher,
+            "K-FAC Fisher (svd_allocation=fisher)": kfac}
 
     def cut_loss(key):
         with torch.no_grad():
@@ -180,8 +209,9 @@ def run(st: Study) -> Dict[str, object]:
                    k=k, n_components=len(comps), oracle_increase=oracle,
                    random_increase=sum(randoms) / len(randoms),
                    components=[dict(layer=c[0], j=c[1], sigma=c[2], params=c[5], exact=e, sig2pp=q, taylor1=t1,
-                                    taylor2=t2)
-                               for c, e, q, t1, t2 in zip(comps, exact, sig2pp, taylor1, taylor2)])
+                                    taylor2=t2, fisher=fi, kfac=kf)
+                               for c, e, q, t1, t2, fi, kf in zip(comps, exact, sig2pp, taylor1, taylor2, fisher,
+                                                                  kfac)])
     text_rho = (f"holds if Spearman ρ ≥ {CR.CUT_RHO_HOLDS} against the exact removal cost per parameter; "
                 f"fails if ρ < {CR.CUT_RHO_FAILS}; else inconclusive")
     text_loss = (f"holds if the cut's loss increase ≤ {CR.CUT_LOSS_HOLDS:g}× that of the cut ranked by the "
