@@ -43,3 +43,20 @@ rm -f "$six"
         echo
     done
 } > benchmarks/results/fmnist14_taylor_paired.md
+# round 15: the cut ranked by its second-order cost under the Kronecker-factored Fisher (svd_allocation="fisher")
+# in the image preset: on the tuning seeds 100-102 against the preset's development rows, then on the report
+# seeds 0-5 against the preset's six-seed rows (fronts_fmnist11_svd8_s2pp1070_p{1,}.json, fronts_fmnist11_s345_oblsvd.json)
+{
+    echo "# Fashion-MNIST: svd_allocation=fisher vs the oblique-svd preset, paired by seed"
+    echo
+    echo "## Development seeds 100-102"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, fisher" --b "oblique-svd r0=8" --json \
+        "$(ls benchmarks/results/fronts_fmnist15_dev_fisher_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+    echo
+    echo "## Report seeds 0-5"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, fisher" \
+        --b "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param" --json \
+        "$(ls benchmarks/results/fronts_fmnist15_fisher_*.json | paste -sd, -),benchmarks/results/fronts_fmnist11_svd8_s2pp1070_p1.json,benchmarks/results/fronts_fmnist11_svd8_s2pp1070_p.json,benchmarks/results/fronts_fmnist11_s345_oblsvd.json"
+} > benchmarks/results/fmnist15_fisher_paired.md

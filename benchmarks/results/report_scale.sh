@@ -72,12 +72,17 @@ amz="/dev/null,$(ls benchmarks/results/scale_amz24_*.json | paste -sd, -),$tune"
 # (benchmarks/variant_paired.py): on the development seeds 100-102 (Rotten Tomatoes, where it was chosen
 # to go on) and on the report seeds 0-2 (target 1 also 3-5); and the allocation's ablation ("uniform") at
 # target 2 (scale24_linear_allocation14.md)
-tay="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json \
-    benchmarks/results/scale_{rt,tw}24_lin_lora{1,2,4,8}.json benchmarks/results/scale_{rt,tw}24_lin_adalora{1,2}.json \
-    benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json | paste -sd, -),$tune"
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
-    --json "$tay" --out benchmarks/results/scale24_linear_taylor.md --plot-dir benchmarks/results/scale24_linear_taylor \
-    --default-variant "svd cut at s 0.1, taylor/param, refold total"
+# variant_front NAME LABEL: the variant's records scale_{rt,tw}24_lin_debora124_NAME.json with the default's
+# seeds 0-2 and the LoRA / AdaLoRA rows -> scale24_linear_NAME.md, its dominance line for LABEL's rows
+variant_front() {
+    local files="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_$1.json benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json \
+        benchmarks/results/scale_{rt,tw}24_lin_lora{1,2,4,8}.json benchmarks/results/scale_{rt,tw}24_lin_adalora{1,2}.json \
+        benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json | paste -sd, -),$tune"
+    .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks rotten-tomatoes,tweets --lr-schedule linear \
+        --json "$files" --out benchmarks/results/scale24_linear_$1.md --plot-dir benchmarks/results/scale24_linear_$1 \
+        --default-variant "$2"
+}
+variant_front taylor "svd cut at s 0.1, taylor/param, refold total"
 {
     echo "# Round 14: the cut's allocation over layers, paired by seed with the round-12 default (sigma2_per_param)"
     echo
@@ -109,3 +114,23 @@ tay="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json
         | paste -sd, -)" --budgets init_rank=2,target_rank=2 \
         --a "fixed r0, s held at 0.1, no cut" --b "svd cut at s 0.1, sigma2/param, refold total"
 } > benchmarks/results/scale24_linear_allocation14.md
+# round 15: the cut ranked by its second-order (Optimal Brain Damage) cost under the Kronecker-factored
+# Fisher (svd_allocation="fisher", seeds 0-2), against the same LoRA / AdaLoRA rows and the round-12 default,
+# with its own dominance line; and the two variants paired by seed on the development seeds 100-102
+# (Rotten Tomatoes) and on the report seeds 0-2 (scale24_linear_allocation15.md)
+variant_front fisher "svd cut at s 0.1, fisher/param, refold total"
+{
+    echo "# Round 15: the cut ranked by the K-FAC Fisher (second-order) removal cost, paired by seed with the round-12 default (sigma2_per_param)"
+    echo
+    echo "## Development seeds 100-102 (Rotten Tomatoes)"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py \
+        --json "$(ls benchmarks/results/dev15_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" \
+        --a "svd cut fisher" --b "svd cut at s 0.1, sigma2/param, refold total"
+    echo
+    echo "## Report seeds 0-2"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_fisher.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" \
+        --a "svd cut at s 0.1, fisher/param, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
+} > benchmarks/results/scale24_linear_allocation15.md

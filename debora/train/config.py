@@ -83,7 +83,8 @@ class TrainConfig:
                                            # measured worse than sigma2_per_param: README round 14);
                                            # "fisher": the smallest second-order cost,
                                            # ½(scaling·σ_j)²(u_jᵀS u_j)(v_jᵀA v_j), per parameter (the
-                                           # Kronecker-factored per-example Fisher; sensitivity.py)
+                                           # Kronecker-factored per-example Fisher; sensitivity.py;
+                                           # measured level or below: README round 15)
     taylor_batches: int = 4                # svd_allocation="taylor"/"fisher": D1 batches that ∂f1/∂W (or the
                                            # Fisher's factors) is averaged over
     taylor_refresh: float = 0.05           # ... recomputed after this fraction of the run (at the next cut)
