@@ -82,6 +82,10 @@ variant_front() {
         --json "$files" --out benchmarks/results/scale24_linear_$1.md --plot-dir benchmarks/results/scale24_linear_$1 \
         --default-variant "$2"
 }
+# paired FILES A [OPTIONS]: variant A paired by seed with the round-12 default (benchmarks/variant_paired.py)
+paired() {
+    .venv/bin/python benchmarks/variant_paired.py --json "$1" --a "$2" --b "svd cut at s 0.1, sigma2/param, refold total" "${@:3}"
+}
 variant_front taylor "svd cut at s 0.1, taylor/param, refold total"
 {
     echo "# Round 14: the cut's allocation over layers, paired by seed with the round-12 default (sigma2_per_param)"
@@ -90,29 +94,24 @@ variant_front taylor "svd cut at s 0.1, taylor/param, refold total"
     echo
     echo "## Development seeds 100-102 (Rotten Tomatoes)"
     echo
-    .venv/bin/python benchmarks/variant_paired.py \
-        --json "$(ls benchmarks/results/dev14_*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" \
-        --a "svd cut taylor" --b "svd cut at s 0.1, sigma2/param, refold total"
+    paired "$(ls benchmarks/results/dev14_*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut taylor"
     echo
     echo "## Report seeds 0-2 (target 1: and 3-5)"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json \
+    paired "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_taylor.json \
         benchmarks/results/scale_{rt,tw}24_lin_debora1_taylor_s345.json benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json \
-        benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" \
-        --a "svd cut at s 0.1, taylor/param, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
+        benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" "svd cut at s 0.1, taylor/param, refold total"
     echo
     echo "## The allocation's ablation: svd_allocation=uniform (every layer cut to the same rank) vs the default, report seeds 0-2"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora2_svduniform*.json \
-        benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json | paste -sd, -)" \
-        --a "svd cut at s 0.1, uniform, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
+    paired "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora2_svduniform*.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json | paste -sd, -)" "svd cut at s 0.1, uniform, refold total"
     echo
     echo "## Without the cut: the same adapter trained at a fixed rank 2 (s held at 0.1, per-component magnitude 1.6 as the default's survivors) vs the default's cut from 8 to 2, report seeds 0-5"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora_r02_fixed*.json \
+    paired "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora_r02_fixed*.json \
         benchmarks/results/scale_{rt,tw}24_lin_debora2_svds01.json benchmarks/results/scale_{rt,tw}24_lin_debora124_svds01_s345.json \
-        | paste -sd, -)" --budgets init_rank=2,target_rank=2 \
-        --a "fixed r0, s held at 0.1, no cut" --b "svd cut at s 0.1, sigma2/param, refold total"
+        | paste -sd, -)" "fixed r0, s held at 0.1, no cut" --budgets init_rank=2,target_rank=2
 } > benchmarks/results/scale24_linear_allocation14.md
 # round 15: the cut ranked by its second-order (Optimal Brain Damage) cost under the Kronecker-factored
 # Fisher (svd_allocation="fisher", seeds 0-2), against the same LoRA / AdaLoRA rows and the round-12 default,
@@ -124,13 +123,10 @@ variant_front fisher "svd cut at s 0.1, fisher/param, refold total"
     echo
     echo "## Development seeds 100-102 (Rotten Tomatoes)"
     echo
-    .venv/bin/python benchmarks/variant_paired.py \
-        --json "$(ls benchmarks/results/dev15_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" \
-        --a "svd cut fisher" --b "svd cut at s 0.1, sigma2/param, refold total"
+    paired "$(ls benchmarks/results/dev15_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut fisher"
     echo
     echo "## Report seeds 0-2"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --json "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_fisher.json \
-        benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" \
-        --a "svd cut at s 0.1, fisher/param, refold total" --b "svd cut at s 0.1, sigma2/param, refold total"
+    paired "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_fisher.json \
+        benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" "svd cut at s 0.1, fisher/param, refold total"
 } > benchmarks/results/scale24_linear_allocation15.md
