@@ -61,13 +61,14 @@ rm -f "$six"
         "$(ls benchmarks/results/fronts_fmnist15_fisher_*.json | paste -sd, -),benchmarks/results/fronts_fmnist11_svd8_s2pp1070_p1.json,benchmarks/results/fronts_fmnist11_svd8_s2pp1070_p.json,benchmarks/results/fronts_fmnist11_s345_oblsvd.json"
 } > benchmarks/results/fmnist15_fisher_paired.md
 # round 15: the cut's window on images, later than the preset's 10-70% (round 13 found an earlier one worse):
-# 10-90% and 30-90%, tuning seeds 100-102, paired with the preset's development rows
+# 10-90% and 30-90%; and the survivors' magnitude after a cut, init_s (1) instead of their layer's initial total
+# (layer_total); tuning seeds 100-102, paired with the preset's development rows
 {
-    echo "# Fashion-MNIST: the oblique-svd preset with a later cut window, tuning seeds 100-102, paired by seed"
+    echo "# Fashion-MNIST: the oblique-svd preset with a later cut window or survivors refolded to init_s, tuning seeds 100-102, paired by seed"
     echo
-    for a in "oblique-svd r0=8, cut 0.1-0.9" "oblique-svd r0=8, cut 0.3-0.9"; do
+    for a in "oblique-svd r0=8, cut 0.1-0.9" "oblique-svd r0=8, cut 0.3-0.9" "oblique-svd r0=8, refold init_s"; do
         .venv/bin/python benchmarks/variant_paired.py --a "$a" --b "oblique-svd r0=8" --json \
-            "$(ls benchmarks/results/fronts_fmnist15_dev_window_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+            "$(ls benchmarks/results/fronts_fmnist15_dev_window_*.json benchmarks/results/fronts_fmnist15_dev_refold_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
         echo
     done
 } > benchmarks/results/fmnist15_window_paired.md
