@@ -50,7 +50,7 @@ from . import resume as resume_checks
 from .data import Examples, collate, to_device
 from .fwsetup import SLayout, feasible_set, solver as make_solver, step_rule
 from .models import forward, inputs_fn, loss_fn
-from .sensitivity import curvature_costs, kronecker_factors, removal_costs, weight_gradients
+from .sensitivity import TAYLOR_KEYS
 from .split import Sampler
 
 from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
@@ -527,7 +527,7 @@ class Trainer:
         S = fw_state.set
         floor = S.floor(dtype=fw_state.x.dtype, device=fw_state.x.device)
 
-        if self.cfg.prune_by == "svd" and self.cfg.svd_allocation in ("taylor", "fisher"):
+        if self.cfg.prune_by == "svd" and self.cfg.svd_allocation in TAYLOR_KEYS:
             self.refresh_sensitivity(state)
 
         def choose(unfold: bool):
@@ -621,7 +621,7 @@ class Trainer:
         def loss_of(batch):
             with self.autocast():
                 return loss_fn(forward(model, self.task, batch), batch).float()
-        statistics = kronecker_factors if cfg.svd_allocation == "fisher" else weight_gradients
+        statistics = TAYLOR_KEYS[cfg.svd_allocation][0]
         # dropout off; BatchNorm on its batches' statistics, as the recalibrated model is evaluated
         with eval_mode(model), batch_statistics(model):
             data = statistics(self.layers, batches, loss_of,
@@ -648,9 +648,8 @@ class Trainer:
                           f"larger than 1×1, e.g. {no_svd[0][:-2]!r}); they are ranked by their s, which is "
                           "not on the scale of the others' singular values. Leave them out of "
                           "target_modules or use prune_by='s'", RuntimeWarning, stacklevel=2)
-        if self.cfg.svd_allocation in ("taylor", "fisher"):   # Taylor cost of the removal per parameter
-            data, cost = self._sensitivity["data"], (removal_costs if self.cfg.svd_allocation == "taylor"
-                                                     else curvature_costs)
+        if self.cfg.svd_allocation in TAYLOR_KEYS:   # Taylor cost of the removal per parameter (sensitivity.py)
+            data, cost = self._sensitivity["data"], TAYLOR_KEYS[self.cfg.svd_allocation][1]
 
             def taylor_key(name, layer):
                 if not has_svd(layer):

@@ -43,6 +43,7 @@ Kept as an option.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -52,29 +53,37 @@ from torch import nn
 from debora.refactor import _svd, has_svd
 
 
+@contextlib.contextmanager
+def _base_weights_with_grad(layers: Mapping[str, nn.Module]):
+    """The layers with an SVD (name → layer) and their base weights, which require grad inside (so that
+    the loss depends on them, and every base output carries a gradient); their flags restored after."""
+    chosen = {n: layer for n, layer in layers.items() if has_svd(layer)}
+    weights = [layer.weight_ref for layer in chosen.values()]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        yield chosen, weights
+    finally:
+        for w, f in zip(weights, flags):
+            w.requires_grad_(f)
+
+
 def weight_gradients(layers: Mapping[str, nn.Module], batches: Iterable[dict],
                      loss_of: Callable[[dict], torch.Tensor],
                      reduce: Optional[Callable[[list], None]] = None) -> Dict[str, torch.Tensor]:
     """Ḡ_ℓ = mean over ``batches`` of ∂ loss_of(batch) / ∂ W_ℓ for every layer with an SVD (float32,
     the shape of its base weight); ``reduce`` (several processes) averages the list of tensors in place.
     The base weights' ``requires_grad`` is restored afterwards; no other gradient is touched."""
-    chosen = {n: layer for n, layer in layers.items() if has_svd(layer)}
-    weights = [layer.weight_ref for layer in chosen.values()]
-    flags = [w.requires_grad for w in weights]
-    sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
-    count = 0
-    try:
-        for w in weights:
-            w.requires_grad_(True)
+    with _base_weights_with_grad(layers) as (chosen, weights):
+        sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
+        count = 0
         for batch in batches:
             grads = torch.autograd.grad(loss_of(batch), weights, allow_unused=True)
             for acc, g in zip(sums, grads):
                 if g is not None:
                     acc += g.float()
             count += 1
-    finally:
-        for w, f in zip(weights, flags):
-            w.requires_grad_(f)
     sums = [s / max(count, 1) for s in sums]
     if reduce is not None and sums:
         reduce(sums)
@@ -110,52 +119,46 @@ def kronecker_factors(layers: Mapping[str, nn.Module], batches: Iterable[dict],
                       loss_of: Callable[[dict], torch.Tensor],
                       reduce: Optional[Callable[[list], None]] = None
                       ) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """(A_ℓ, S_ℓ) of every layer with an SVD (float32): A_ℓ the mean over positions of the base layer's input
-    x xᵀ, S_ℓ the mean over examples of Σ_positions δ δᵀ, δ the gradient of the example's own loss with
-    respect to the base layer's output (``loss_of`` is the batch mean of per-example losses: the batch's
-    gradient times its leading size). ``reduce`` (several processes) averages the list in place. The base
-    weights' ``requires_grad`` is restored afterwards; no parameter's ``.grad`` is touched."""
-    chosen = {n: layer for n, layer in layers.items() if has_svd(layer)}
-    weights = [layer.weight_ref for layer in chosen.values()]
-    flags = [w.requires_grad for w in weights]
-    seen: Dict[str, list] = {n: [] for n in chosen}
-    A = {n: None for n in chosen}
-    S = {n: None for n in chosen}
-    counts = {n: 0 for n in chosen}
+    """(A_ℓ, S_ℓ) of every layer with an SVD on the loss's path (float32; float64 for float64 inputs), each
+    the mean over ``batches`` of its per-batch value (every batch weighs the same, so processes averaging
+    their own batches agree with one process running them all): A_ℓ the mean over positions of the base
+    layer's input x xᵀ, S_ℓ the mean over examples of Σ_positions δ δᵀ, δ the gradient of the example's own
+    loss with respect to the base layer's output (``loss_of`` is the batch mean of per-example losses: the
+    batch's gradient times its leading size). ``reduce`` (several processes) averages the list in place. The
+    base weights' ``requires_grad`` is restored afterwards; no parameter's ``.grad`` is touched."""
+    A: Dict[str, torch.Tensor] = {}
+    S: Dict[str, torch.Tensor] = {}
+    counts: Dict[str, int] = {}
+    with _base_weights_with_grad(layers) as (chosen, _):
+        seen: Dict[str, list] = {n: [] for n in chosen}
 
-    def hook(name):
-        def capture(module, args, output):
-            seen[name].append((args[0].detach(), output))
-        return capture
-    handles = [layer.base.register_forward_hook(hook(n)) for n, layer in chosen.items()]
-    try:
-        for w in weights:      # every base output then carries a gradient (the first layer's too)
-            w.requires_grad_(True)
-        for batch in batches:
-            for lst in seen.values():
-                lst.clear()
-            loss = loss_of(batch)
-            calls = [(n, x, out) for n, lst in seen.items() for x, out in lst]
-            grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
-            size = calls[0][1].shape[0] if calls else 0      # the batch's examples (leading dimension)
-            for (n, x, out), g in zip(calls, grads):
-                if g is None:
-                    g = torch.zeros_like(out)
-                dtype = torch.promote_types(x.dtype, torch.float32)
-                X, D = _positions(chosen[n].base, x.to(dtype), g.to(dtype) * size)
-                a, s_ = X.transpose(0, 1) @ X / X.shape[0], D.transpose(0, 1) @ D / size
-                A[n] = a if A[n] is None else A[n] + a
-                S[n] = s_ if S[n] is None else S[n] + s_
-                counts[n] += 1
-
-    finally:
-        for h in handles:
-            h.remove()
-        for w, f in zip(weights, flags):
-            w.requires_grad_(f)
-        for lst in seen.values():
-            lst.clear()
-    names = [n for n in chosen if A[n] is not None]
+        def hook(name):
+            def capture(module, args, output):
+                seen[name].append((args[0].detach(), output))
+            return capture
+        handles = [layer.base.register_forward_hook(hook(n)) for n, layer in chosen.items()]
+        try:
+            for batch in batches:
+                for lst in seen.values():
+                    lst.clear()
+                loss = loss_of(batch)
+                calls = [(n, x, out) for n, lst in seen.items() for x, out in lst]
+                grads = torch.autograd.grad(loss, [out for _, _, out in calls], allow_unused=True)
+                size = calls[0][1].shape[0] if calls else 0      # the batch's examples (leading dimension)
+                for (n, x, out), g in zip(calls, grads):
+                    if g is None:
+                        g = torch.zeros_like(out)
+                    dtype = torch.promote_types(x.dtype, torch.float32)
+                    X, D = _positions(chosen[n].base, x.to(dtype), g.to(dtype) * size)
+                    a, s_ = X.transpose(0, 1) @ X / X.shape[0], D.transpose(0, 1) @ D / size
+                    A[n] = A[n] + a if n in A else a
+                    S[n] = S[n] + s_ if n in S else s_
+                    counts[n] = counts.get(n, 0) + 1
+        finally:
+            for h in handles:
+                h.remove()
+            seen.clear()
+    names = [n for n in chosen if n in A]
     flat = [A[n] / counts[n] for n in names] + [S[n] / counts[n] for n in names]
     if reduce is not None and flat:
         reduce(flat)
@@ -173,3 +176,7 @@ def curvature_costs(layer: nn.Module, factors: Tuple[torch.Tensor, torch.Tensor]
     out_side = ((S @ P) * P).sum(0)
     in_side = ((A @ Q) * Q).sum(0)
     return 0.5 * (layer.scaling * sig) ** 2 * out_side * in_side
+
+
+# svd_allocation → (the statistics the trainer caches, the removal cost of a layer's components from them)
+TAYLOR_KEYS = {"taylor": (weight_gradients, removal_costs), "fisher": (kronecker_factors, curvature_costs)}
