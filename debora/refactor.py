@@ -135,8 +135,8 @@ def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
             rotated = (layer.U, layer.V)
         rotated[0].copy_(P.to(rotated[0].dtype))
         rotated[1].copy_(Q.to(rotated[1].dtype))
-        if optimizer is not None:
-            for p in rotated:
+        if optimizer is not None:     # s too, where the optimizer trains it (the trainer's learn_s)
+            for p in (*rotated, layer.s):
                 _reset_state(optimizer, p)
         if unfolding:
             layer.unfold_()

@@ -62,6 +62,23 @@ def _train_until(cfg, iteration: int) -> None:
         train(cfg, callback=stop)
 
 
+def assert_resumes_and_reloads(a, cfg, tmp_path, stop_after: int) -> None:
+    """``cfg`` (the config of the finished run ``a`` with another output_dir) stopped after ``stop_after``
+    and resumed ends bit for bit where ``a`` did; ``a``'s saved adapter reloads onto a fresh tiny BERT
+    with ``a.model``'s outputs."""
+    from transformers import AutoModelForSequenceClassification
+    _train_until(cfg, stop_after)
+    b = train(cfg.replace(resume="auto"))
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "tiny_bert"))
+    loaded = debora.from_pretrained(base, os.path.join(a.output_dir, "adapter")).eval()
+    ids = torch.randint(0, base.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0))
+    a.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, a.model(input_ids=ids).logits)
+
+
 def _run(tmp_path, name, **kw):
     values = dict(epochs=4.0, eval_every=0, truncate_from=0.1, output_dir=str(tmp_path / name),
                   estimator="first-order", fw_step="constant", fw_step_size=0.05, budget="per_layer",
@@ -551,7 +568,6 @@ def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path, refold):
     ``refold_magnitudes``, their survivors get s = 1 again over a newly folded ΔW0'. The saved adapter
     reloads onto a fresh base model with the same outputs and exports to PEFT, and a resume from a
     checkpoint taken after the cut reproduces the uninterrupted run bit for bit."""
-    from transformers import AutoModelForSequenceClassification
     from debora.train.config import PRESETS
 
     kw = dict(PRESETS["svd-cut"], basis="oblique", init_rank=4, target_rank=1.0, prune_start=0.4,
@@ -571,17 +587,8 @@ def test_an_unfolding_svd_cut_saves_loads_and_resumes(tmp_path, refold):
         else:            # unfolded: s = σ(ΔW − ΔW0), no folded factors left
             assert not layer.folded and not layer.init_factors()
 
-    cfg = tiny_config(tmp_path, **dict(kw, output_dir=str(tmp_path / f"split{refold}")))
-    _train_until(cfg, 9)                            # the checkpoint at 8 is after the cut
-    b = train(cfg.replace(resume="auto"))
-    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
-        assert ka == kb and torch.equal(va, vb), ka
-    base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "tiny_bert"))
-    loaded = debora.from_pretrained(base, os.path.join(a.output_dir, "adapter")).eval()
-    ids = torch.randint(0, base.config.vocab_size, (3, 8), generator=torch.Generator().manual_seed(0))
-    a.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, a.model(input_ids=ids).logits)
+    assert_resumes_and_reloads(a, tiny_config(tmp_path, **dict(kw, output_dir=str(tmp_path / f"split{refold}"))),
+                               tmp_path, stop_after=9)       # the checkpoint at 8 is after the cut
     debora.export_peft(a.model, str(tmp_path / "peft"))
     assert os.path.isfile(tmp_path / "peft" / "adapter_config.json")
 

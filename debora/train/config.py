@@ -96,6 +96,10 @@ class TrainConfig:
                                            # (refactor.py); "off": s = σ(ΔW − ΔW0) after the cut; "auto":
                                            # "layer_total" where it applies (refold_mode), else "off"
     # -- bilevel algorithm -------------------------------------------------------------------------
+    learn_s: bool = False                  # s joins the lower AdamW with the bases: a learned magnitude per
+                                           # component (as DoRA's, per rank-one term), kept >= ε; needs s held
+                                           # by Frank-Wolfe (fw_step_size=0): the budget's SVD cut still
+                                           # chooses the ranks (docs/rank_selection.md round 16)
     split: str = "same"                    # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
     estimator: str = "first-order"
     estimator_options: Dict[str, Any] = field(default_factory=dict)
@@ -278,6 +282,10 @@ class TrainConfig:
                              f"(fw_step='constant', fw_step_size=0), got prune_by={self.prune_by!r}, "
                              f"basis={self.basis!r}, init_s={self.init_s!r}, fw_step={self.fw_step!r}, "
                              f"fw_step_size={self.fw_step_size!r}; use refold_magnitudes='auto' or 'off'")
+        if self.learn_s and not self.s_held():
+            raise ValueError(f"learn_s=True trains s with the lower AdamW, so Frank-Wolfe must not move it: "
+                             f"set fw_step='constant' and fw_step_size=0, got fw_step={self.fw_step!r}, "
+                             f"fw_step_size={self.fw_step_size!r}")
         if self.truncate_atol is not None and self.truncate_atol < 0:
             raise ValueError(f"truncate_atol must be >= 0 or None, got {self.truncate_atol!r}")
         if isinstance(self.target_modules, str) and not self.target_modules:

@@ -56,6 +56,9 @@ from .split import Sampler
 from debora.inject import saved_modules  # noqa: E402  (the submodule, not the function debora.inject)
 from debora.refactor import has_svd, refold_magnitudes_  # noqa: E402
 
+# learn_s: the τ of the Frank-Wolfe set that only mirrors s (it never binds; the image preset's τ)
+_UNBOUNDED_TAU = 1e6
+
 
 class NonFiniteError(FloatingPointError):
     """Raised when more than ``max_nonfinite`` steps had to be skipped for NaN/Inf values."""
@@ -218,7 +221,9 @@ class Trainer:
         """(Re)build the DDP wrapper over the current lower Parameters (after a truncation or a load:
         DDP's hooks stay on the Parameter objects it was built with)."""
         if self.dist is not None:
-            self.ddp = distmod.wrap(self.model, self.dist, list(debora.upper_parameters(self.model)))
+            # s is DDP's too when the lower optimizer trains it (learn_s)
+            self.ddp = distmod.wrap(self.model, self.dist,
+                                    [] if self.cfg.learn_s else list(debora.upper_parameters(self.model)))
 
     def s_tree(self) -> Dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in debora.upper_parameters(self.model).items()}
@@ -226,9 +231,20 @@ class Trainer:
     def s_vector(self) -> torch.Tensor:
         return torch.cat([v.detach().reshape(-1) for v in debora.upper_parameters(self.model).values()])
 
+    def trained_parameters(self) -> Dict[str, torch.nn.Parameter]:
+        """What the lower AdamW trains: ``debora.lower_parameters`` (bases, head), and with ``learn_s``
+        every adapter's s too (its magnitudes; they then require grad)."""
+        params = debora.lower_parameters(self.model)
+        if self.cfg.learn_s:
+            ups = debora.upper_parameters(self.model)
+            for p in ups.values():
+                p.requires_grad_(True)
+            params = {**params, **ups}
+        return params
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         cfg = self.cfg
-        params = debora.lower_parameters(self.model)
+        params = self.trained_parameters()
         saved = tuple(n + "." for n in saved_modules(self.model))
         head = [p for n, p in params.items() if saved and n.startswith(saved)]
         body = [p for n, p in params.items() if not (saved and n.startswith(saved))]
@@ -250,11 +266,17 @@ class Trainer:
         for group, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr or cfg.lr)):
             group["lr"] = base * f
 
+    @property
+    def fw_tau(self) -> float:
+        """τ of the Frank-Wolfe set: the config's; with learn_s AdamW moves s off any simplex and the FW
+        state only mirrors s for the budget's cuts, on a set that never binds."""
+        return max(self.cfg.tau, _UNBOUNDED_TAU) if self.cfg.learn_s else self.cfg.tau
+
     def make_fw(self, layout: SLayout):
         if self._fw_solver is not None:
             return self._fw_solver
         cfg = self.cfg
-        S = feasible_set(layout, cfg.tau, cfg.eps, cfg.budget)
+        S = feasible_set(layout, self.fw_tau, cfg.eps, cfg.budget)
         # a constant step of 0 holds s (s_frozen from the start, see init_state): the rule is never used
         size = cfg.fw_step_size if cfg.fw_step_size > 0 else 1.0
         self._fw_solver = make_solver(cfg.fw, S, step_rule(cfg.fw_step, cfg.fw_lipschitz, size),
@@ -333,6 +355,9 @@ class Trainer:
             debora.project_gradients(model)
             opt.step()
             debora.retract(model)
+            if cfg.learn_s:     # the magnitudes stay on their floor's side, s >= ε (one fused op)
+                with torch.no_grad():
+                    torch._foreach_clamp_min_(self.s_parameters, cfg.eps)
             acc["lower_loss"] += total
             acc["lower_steps"] += 1
 
@@ -436,9 +461,22 @@ class Trainer:
         (exactly: their vertex has weight 0; or within ``truncate_atol`` if that is set)."""
         return self.make_fw(state.layout).at_floor(state.fw_state, atol=self.cfg.truncate_atol).cpu()
 
+    @functools.cached_property
+    def s_parameters(self) -> List[torch.nn.Parameter]:
+        """Every adapter's s (the Parameter objects change at a truncation or a load: reset there)."""
+        return list(debora.upper_parameters(self.model).values())
+
+    def sync_fw_state(self, state: TrainState) -> None:
+        """learn_s: the FW state's iterate (which the budget's cut and the truncation read) set to the
+        s that AdamW moved."""
+        x = self.s_vector().to(device=state.fw_state.x.device, dtype=state.fw_state.x.dtype)
+        state.fw_state = self.make_fw(state.layout).init(x, feasible_set=state.fw_state.set)
+
     def truncate(self, state: TrainState) -> int:
         """Remove the components at the floor from the model (bases, s), the lower optimizer's state and
         the FW state (active set, weights), with the same global indices."""
+        if self.cfg.learn_s:
+            self.sync_fw_state(state)
         mask = self.at_floor(state).clone()
         x = state.fw_state.x.detach().cpu()
         # the FW set keeps >= 1 coordinate per block (per-layer budget) / overall (global budget)
@@ -478,6 +516,7 @@ class Trainer:
         self.write_s(state.fw_state.x, state.layout)
         # a fresh problem: bilevel's Estimator re-validates a changed structure with lower_batch=None
         self._problem = None
+        self.__dict__.pop("s_parameters", None)
         self.rewrap()   # new Parameters: DDP's hooks were on the old ones (pytorch#12603)
         return int(idx.numel())
 
@@ -728,7 +767,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, state: TrainState, path: str, wall: float) -> str:
-        names = {id(p): n for n, p in debora.lower_parameters(self.model).items()}
+        names = {id(p): n for n, p in self.trained_parameters().items()}
         model_tensors = {**{k: v.detach() for k, v in debora.upper_parameters(self.model).items()},
                          **{k: v.detach() for k, v in debora.lower_parameters(self.model).items()}}
         opt_tensors, opt_meta = {}, {"param_groups": [], "step_scalar": {}}
@@ -841,14 +880,14 @@ class Trainer:
         checking it against this model and data (:func:`debora.train.resume.check_state`)."""
         tensors, meta = loaded if loaded is not None else ckpt.load(path)
         resume_checks.check_state(meta, tensors, path, upper=list(debora.upper_parameters(self.model)),
-                                  lower=list(debora.lower_parameters(self.model)),
+                                  lower=list(self.trained_parameters()),
                                   split_sizes={"d1": len(self.d1), "d2": len(self.d2),
                                                "d2_est": len(self.d2)},
                                   label_names=self.label_names)
         layout = SLayout.from_state(meta["layout"])
         fw_fields = ckpt.unflatten_state(meta["fw_layout"], tensors["fw"], device=self.device,
                                          where=f"{path}/state.json fw_layout")
-        S = feasible_set(layout, self.cfg.tau, self.cfg.eps, self.cfg.budget)
+        S = feasible_set(layout, self.fw_tau, self.cfg.eps, self.cfg.budget)
         resume_checks.check_fw(fw_fields, S, layout, tensors["model"], path)
         # adapters back to the saved ranks, then the saved values
         layers = self.layers
@@ -869,7 +908,8 @@ class Trainer:
                                      f"{tuple(params[k].shape)}")
                 params[k].copy_(v.to(params[k].device))
         optimizer = self.make_optimizer()
-        named = debora.lower_parameters(self.model)
+        self.__dict__.pop("s_parameters", None)
+        named = self.trained_parameters()
         if len(meta["optimizer"]["param_groups"]) != len(optimizer.param_groups):
             raise ValueError(f"checkpoint {path!r} has {len(meta['optimizer']['param_groups'])} optimizer "
                              f"parameter groups, this run {len(optimizer.param_groups)}")
