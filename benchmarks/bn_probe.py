@@ -1,4 +1,4 @@
-"""Does BatchNorm's running statistics explain the Fashion-MNIST noise? (README, "Rank selection", round 4)
+"""Does BatchNorm's running statistics explain the Fashion-MNIST noise? (docs/rank_selection.md, round 4)
 
 Trains one run (PEFT LoRA via ``finetune_compare.run_peft``, or dEBORA's default preset via
 ``debora.train.train``) on Fashion-MNIST with EfficientNet-Lite0 (32 px, 2,400 × 3, 2,000 held out, the

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fashion-MNIST wall time, side by side: one dEBORA run and one PEFT LoRA r=8 run at the same time, one
-# thread each, so that both see the same load (README, round 5). Records already in the JSON files are
+# thread each, so that both see the same load (docs/rank_selection.md, round 5). Records already in the JSON files are
 # skipped (delete them to re-measure).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fashion-MNIST wall time of the image preset, side by side (README, round 11): one `--preset oblique-svd`
-# run (target_params 45,568, LoRA r=2's size) and one PEFT LoRA r=8 run at the same time, one thread each,
+# Fashion-MNIST wall time of the image preset, side by side (docs/rank_selection.md, round 11): one `--preset
+# oblique-svd` run (target_params 45,568, LoRA r=2's size) and one PEFT LoRA r=8 run at the same time, one thread each,
 # the linear lr schedule at the tuned 3e-3, so that both see the same load. Records already in the JSON
 # files are skipped (delete them to re-measure). SEEDS="0 1 2" by default (round 13 added 3 4 5).
 set -euo pipefail

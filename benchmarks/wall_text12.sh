@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Text wall time of the round-12 default, side by side (README, round 12): one dEBORA run
+# Text wall time of the round-12 default, side by side (docs/rank_selection.md, round 12): one dEBORA run
 # (target_rank 2, the SVD-cut selection with s held at 0.1, written out so that it does not depend on
 # the checkout's defaults) and one PEFT LoRA r=8 run at the same time, one thread each, 2,400 x 3, each at
 # its tuned lr with the linear schedule, so that both see the same load. Records already in the JSON files

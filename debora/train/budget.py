@@ -1,7 +1,7 @@
 """The rank budget as a count the user sets: ``target_rank`` with a cubic schedule (like AdaLoRA's).
 
 The paper removes a component once Frank-Wolfe has driven its weight s_i to the floor ε. On its own
-that rule pruned little in our runs (README, "Rank selection"): with n outer iterations Frank-Wolfe
+that rule pruned little in our runs (docs/rank_selection.md): with n outer iterations Frank-Wolfe
 takes n small steps, and a component leaves only after a drop step. ``target_rank`` turns the budget
 into the number of components a user wants at the end, R* = target_rank × (number of adapters), and
 lowers the number of live components along

@@ -56,7 +56,8 @@ class TrainConfig:
     init_s: Optional[float] = 0.1          # initial s_i (None: ε + τ/(10(n+1)) for oblique/Stiefel bases,
                                            # the barycentre ε + τ/(n+1) for Euclidean ones); see DeboraConfig.
                                            # With s held (fw_step_size=0) it is each component's magnitude
-                                           # (α·s/r0): 0.1 is text's (README round 12), 1 images' (oblique-svd)
+                                           # (α·s/r0): 0.1 is text's (docs/rank_selection.md round 12),
+                                           # 1 images' (oblique-svd)
     # -- rank budget as a count (budget.py): None = only the paper's rule (remove components at ε) ------
     target_rank: Optional[float] = 2.0     # final average rank per adapter, R* = target_rank × layers
     target_params: Optional[int] = None    # or a budget in adapter parameters P* (every adapter's s and basis
@@ -64,7 +65,8 @@ class TrainConfig:
                                            # target_rank is not used; the final size lands at most one
                                            # component's cost below P*
     prune_start: float = 0.1               # fraction of the run where the cubic schedule k(n) starts
-    prune_end: float = 0.7                 # ... and where it reaches R* (AdaLoRA's window: README round 9)
+    prune_end: float = 0.7                 # ... and where it reaches R* (AdaLoRA's window:
+                                           # docs/rank_selection.md round 9)
     prune_by: str = "svd"                  # which components go first: "svd": re-factorise the layers that
                                            # lose components (debora/refactor.py), the smallest by
                                            # svd_allocation first; smallest "s" (the bilevel preset: s chosen
@@ -80,11 +82,11 @@ class TrainConfig:
                                            # each layer's smallest σ in turn (equal ranks: the ablation);
                                            # "taylor": the smallest first-order cost of the removal,
                                            # −scaling·σ_j·u_jᵀ(∂f1/∂W)v_j, per parameter (sensitivity.py;
-                                           # measured worse than sigma2_per_param: README round 14);
+                                           # measured worse than sigma2_per_param: docs/rank_selection.md round 14);
                                            # "fisher": the smallest second-order cost,
                                            # ½(scaling·σ_j)²(u_jᵀS u_j)(v_jᵀA v_j), per parameter (the
                                            # Kronecker-factored per-example Fisher; sensitivity.py;
-                                           # measured level or below: README round 15)
+                                           # measured level or below: docs/rank_selection.md round 15)
     taylor_batches: int = 4                # svd_allocation="taylor"/"fisher": D1 batches that ∂f1/∂W (or the
                                            # Fisher's factors) is averaged over
     taylor_refresh: float = 0.05           # ... recomputed after this fraction of the run (at the next cut)
@@ -124,11 +126,12 @@ class TrainConfig:
     truncate_every: int = 1
     truncate_atol: Optional[float] = None  # None: at the floor = vertex weight exactly 0 (after a drop)
     # -- lower optimizer ------------------------------------------------------------------------------
-    lr: float = 3e-3                       # tuned on Rotten Tomatoes seeds 100-102 (README round 11; demo round 12)
+    lr: float = 3e-3                       # tuned on Rotten Tomatoes seeds 100-102
+                                           # (docs/rank_selection.md round 11; demo round 12)
     weight_decay: float = 1e-3
     head_lr: Optional[float] = None        # None = lr
     lr_schedule: str = "linear"            # constant | linear | cosine: decay to 0 over the run's
-                                           # lower steps (lr_schedule.py; README round 6: linear)
+                                           # lower steps (lr_schedule.py; docs/rank_selection.md round 6: linear)
     warmup: float = 0.0                    # linear warm-up over this fraction of the lower steps
     # -- schedule ---------------------------------------------------------------------------------
     epochs: float = 2.0                    # passes of the lower level over D2
@@ -331,7 +334,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Presets. The field defaults above are the best settings we measured on text (README, "Rank selection",
+# Presets. The field defaults above are the best settings we measured on text (docs/rank_selection.md,
 # round 12): oblique bases from r0 = 8 with s held at 0.1 (α·s/r0 per component: the magnitude the
 # bilevel default's Frank-Wolfe steps ended at; no Frank-Wolfe step), a count budget target_rank = 2
 # (average final rank per adapter) reached on a cubic schedule between 10% and 70% of the run (AdaLoRA's
@@ -362,7 +365,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "bilevel": dict(_BILEVEL_SELECTION, lr=5e-4),     # its demo lr (its tuned 2,400 x 3 lr: 3e-3)
     "default": dict(max_examples=4000, epochs=2.0, batch_size=32, max_length=48, eval_every=125,
                     max_eval_examples=1000, threads=1),
-    # README, "Rank selection", round 2: train the rank-r0 adapter as LoRA trains (Euclidean bases,
+    # docs/rank_selection.md, round 2: train the rank-r0 adapter as LoRA trains (Euclidean bases,
     # s held at 1: no Frank-Wolfe steps), then one cut at the last iteration to target_rank × layers
     # components, re-factorised by SVD and allocated over all layers by singular value. τ plays no
     # part while s is held; it is only large enough for s0 = 1 to be feasible under a global budget.
@@ -372,7 +375,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                     fw_step_size=0.0, prune_by="svd", prune_start=0.99, prune_end=1.0, split="same",
                     estimator="first-order", lr_schedule="constant", svd_allocation="sigma",
                     refold_magnitudes="off", lr=5e-4),
-    # README, "Rank selection", round 5: the oblique CP/matrix adapter at a fixed rank r0 with its
+    # docs/rank_selection.md, round 5: the oblique CP/matrix adapter at a fixed rank r0 with its
     # magnitudes held at s = 1 (α·s/r0 per component, LoRA's size): no Frank-Wolfe step, no cut, no
     # selection. The bases train on the unit sphere (Riemannian steps), s stays put. On Fashion-MNIST it
     # is the best front we measured (r0 = 2 matches LoRA r=8 at a quarter of its size); on text it is
@@ -380,7 +383,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     "fixed-oblique": dict(basis="oblique", init_s=1.0, budget="global", tau=1e6, fw_step="constant",
                           fw_step_size=0.0, target_rank=None, split="same", estimator="first-order",
                           lr_schedule="constant", refold_magnitudes="off", lr=5e-4),
-    # README, "Rank selection", round 11 (images): oblique adapters from r0 = 8 at LoRA-sized
+    # docs/rank_selection.md, round 11 (images): oblique adapters from r0 = 8 at LoRA-sized
     # magnitudes (s held at 1: α·s/r0 per component; the default's s ≈ 0.01-0.1 is what cost it ~7
     # points on Fashion-MNIST), cut gradually over 10-70% of the run to the budget by the SVD of what
     # training changed (ΔW − ΔW0, unfolded), the components with the least σ² per parameter first over

@@ -74,8 +74,8 @@ def prepare(cfg: TrainConfig, device: torch.device):
     if task == "image" and cfg.preset is None and cfg.basis != "euclidean" and (cfg.init_s or 0.0) < 1.0:
         warnings.warn("an image task at the text default's magnitudes (s held at 0.1, or Frank-Wolfe on small s): "
                       "on Fashion-MNIST they measured 8 points below TrainConfig.from_preset('oblique-svd', ...) "
-                      "(s held at 1), which `debora train` uses for images (README, rounds 11-12)", UserWarning,
-                      stacklevel=3)
+                      "(s held at 1), which `debora train` uses for images (docs/rank_selection.md, rounds "
+                      "11-12)", UserWarning, stacklevel=3)
     if cfg.dropout > 0:
         raise ValueError(f"dropout={cfg.dropout}: adapter dropout is not implemented (the paper uses "
                          "none); set dropout to 0")

@@ -18,7 +18,7 @@ backward per batch with weight gradients for the adapted layers, so the trainer 
 ``taylor_refresh`` of the run, not at every cut, and projects the current components on it. BatchNorm
 layers use their batches' statistics during that pass (the function the recalibrated model evaluates).
 
-Measured (README, "Rank selection", round 14): not better than the default's σ² per parameter. On text
+Measured (docs/rank_selection.md, round 14): not better than the default's σ² per parameter. On text
 level at target 1 and below at targets 2 and 4 (seeds 0-2/0-5, paired), on Fashion-MNIST 7-8 points
 below (it empties the early layers under a global budget). Kept as an option.
 
@@ -36,7 +36,7 @@ F_ℓ the empirical Fisher E_i[vec(g_i) vec(g_i)ᵀ] of the per-example gradient
 parameter; it is never negative, so it says what a component contributes, not where the loss wants to go
 (the first-order key's failure). A_ℓ and S_ℓ are cached like Ḡ_ℓ and projected on the current components.
 
-Measured (README, "Rank selection", round 15): level with σ² per parameter or below it on the means (text:
+Measured (docs/rank_selection.md, round 15): level with σ² per parameter or below it on the means (text:
 −0.8 to +0.1 point over targets 1/2/4, Fashion-MNIST −0.45 / +0.29 over six seeds; nothing separated from
 the seed noise); it moves the ranks to the value adapters on text and to the first convolutions on images.
 Kept as an option.

@@ -1,5 +1,5 @@
-"""Check of the selection the default makes (``TrainConfig()``, README round 12): is the key of its SVD cut
-a good proxy for what a component is worth to the loss?
+"""Check of the selection the default makes (``TrainConfig()``, docs/rank_selection.md round 12): is the key of
+its SVD cut a good proxy for what a component is worth to the loss?
 
 The default holds s at ``init_s`` (no Frank-Wolfe step: no hypergradient is used) and chooses the ranks by
 the SVD of what training changed, C_ℓ = ΔW_ℓ − ΔW_ℓ0 = Σ_j σ_j u_j v_jᵀ (``debora.refactor``, unfolded),
