@@ -72,3 +72,11 @@ rm -f "$six"
         echo
     done
 } > benchmarks/results/fmnist15_window_paired.md
+# round 16: the image preset with each component's magnitude s learned by the lower AdamW (learn_s), tuning
+# seeds 100-102, paired with the preset's development rows
+{
+    echo "# Fashion-MNIST: the oblique-svd preset with s learned by AdamW (learn_s), tuning seeds 100-102, paired by seed"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, learn s" --b "oblique-svd r0=8" --json \
+        "$(ls benchmarks/results/fronts_fmnist16_dev_learn_s_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+} > benchmarks/results/fmnist16_learn_s_paired.md

@@ -130,3 +130,26 @@ variant_front fisher "svd cut at s 0.1, fisher/param, refold total"
     paired "$(ls benchmarks/results/scale_{rt,tw}24_lin_debora124_fisher.json \
         benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" "svd cut at s 0.1, fisher/param, refold total"
 } > benchmarks/results/scale24_linear_allocation15.md
+# round 16: each component's magnitude s learned by the lower AdamW (learn_s) under the default's SVD cut:
+# the tweets front of report seeds 0-2 with the same LoRA / AdaLoRA rows (AdaLoRA target 4's tweets records are
+# in scale_rt24_lin_adalora4_lr3e-3.json) and its own dominance line
+# (scale24_linear_learn_s16.md), and paired by seed with the round-12 default on the Rotten Tomatoes
+# development seeds 100-102 and the tweets report seeds 0-2 (scale24_linear_learn_s16_paired.md)
+learn_s="svd cut at s 0.1, sigma2/param, refold total, learn s"
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
+    --json "/dev/null,$(ls benchmarks/results/scale16_tw24_learn_s_*.json benchmarks/results/scale_tw24_lin_debora{1,2,4}_svds01.json \
+        benchmarks/results/scale_tw24_lin_lora{1,2,4,8}.json benchmarks/results/scale_tw24_lin_adalora{1,2}.json \
+        benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json | paste -sd, -),$tune" \
+    --out benchmarks/results/scale24_linear_learn_s16.md --plot-dir benchmarks/results/scale24_linear_learn_s16 \
+    --default-variant "$learn_s"
+{
+    echo "# Round 16: s learned by AdamW (learn_s) under the default's SVD cut, paired by seed with the round-12 default"
+    echo
+    echo "## Development seeds 100-102 (Rotten Tomatoes)"
+    echo
+    paired "$(ls benchmarks/results/dev16_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut learn s"
+    echo
+    echo "## Report seeds 0-2 (tweets)"
+    echo
+    paired "$(ls benchmarks/results/scale16_tw24_learn_s_*.json benchmarks/results/scale_tw24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" "$learn_s"
+} > benchmarks/results/scale24_linear_learn_s16_paired.md
