@@ -51,6 +51,8 @@ FLAGS = [
                                                     "layer) | s2_per_param (smallest s² per parameter)"),
     ("--prune-start", "prune_start", float, "fraction of the run where the rank schedule starts"),
     ("--prune-end", "prune_end", float, "fraction of the run where it reaches --target-rank"),
+    ("--prune-schedule", "prune_schedule", str, "the budget's path from --prune-start to --prune-end: cubic "
+                                                "(default, AdaLoRA's: most removals early) | linear"),
     ("--prune-by", "prune_by", str, "which components the budget removes: svd (default: smallest by "
                                     "--svd-allocation, each cut layer re-factorised) | s (smallest s, "
                                     "the bilevel preset) | random"),

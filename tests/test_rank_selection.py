@@ -20,12 +20,23 @@ from test_train_tiny import one_thread, tiny_config  # noqa: F401  (autouse fixt
 
 
 # -- the schedule ---------------------------------------------------------------------------------
-def test_schedule_is_monotone_and_hits_its_ends():
-    ks = [scheduled_count(n, 100, 96, 24, 0.1, 0.6) for n in range(101)]
+@pytest.mark.parametrize("shape", ["cubic", "linear"])
+def test_schedule_is_monotone_and_hits_its_ends(shape):
+    ks = [scheduled_count(n, 100, 96, 24, 0.1, 0.6, shape) for n in range(101)]
     assert ks[0] == ks[10] == 96                  # before prune_start: everything
     assert all(a >= b for a, b in zip(ks, ks[1:]))
     assert ks[60] == ks[100] == 24                # from prune_end on: the target
-    assert scheduled_count(50, 100, 8, 16, 0.1, 0.6) == 8     # a target above R0 never prunes
+    assert scheduled_count(50, 100, 8, 16, 0.1, 0.6, shape) == 8     # a target above R0 never prunes
+    # halfway through the window: 24 + ceil(72 (1/2)^3) = 33 (cubic), 24 + 36 = 60 (linear)
+    assert ks[35] == {"cubic": 33, "linear": 60}[shape]
+
+
+def test_an_unknown_schedule_shape_is_refused():
+    from debora.train import TrainConfig
+    with pytest.raises(ValueError, match="prune_schedule"):
+        TrainConfig(prune_schedule="quadratic")
+    with pytest.raises(ValueError, match="shape"):
+        scheduled_count(1, 10, 8, 2, 0.1, 0.6, "quadratic")
 
 
 def test_smallest_beyond_never_takes_protected_or_dead():
@@ -378,6 +389,29 @@ def test_svd_refactor_resets_the_optimizer_state_of_the_bases():
     debora.svd_refactor(model, optimizer=opt)
     for p in (layer.U, layer.V):
         assert all(float(v.abs().sum()) == 0 for v in opt.state[p].values())   # moments and step
+
+
+@pytest.mark.parametrize("shape", ["cubic", "linear"])
+def test_the_live_count_follows_the_schedule_it_is_given(tmp_path, shape):
+    """After every truncation point the number of live components is exactly k(n) of prune_schedule."""
+    seen = {}
+
+    def record(trainer, state, extra):
+        seen[state.iteration] = (sum(debora.rank_pattern(trainer.model).values()), trainer.total_iterations,
+                                 trainer.n0)
+    res = train(tiny_config(tmp_path, **dict(epochs=4.0, eval_every=0, truncate_from=0.1,
+                                             output_dir=str(tmp_path / shape), estimator="first-order",
+                                             fw_step="constant", fw_step_size=0.0, budget="per_layer",
+                                             split="same", basis="oblique", init_s=0.01, target_rank=1.0,
+                                             prune_by="svd", prune_start=0.2, prune_end=0.7,
+                                             prune_schedule=shape)), callback=record)
+    layers = len(debora.adapter_layers(res.model))
+    checked = 0
+    for n, (live, total, n0) in seen.items():
+        if n >= n0:
+            assert live == scheduled_count(n, total, 4 * layers, layers, 0.2, 0.7, shape), n
+            checked += 1
+    assert checked > 10 and live == layers
 
 
 def test_svd_pruning_lands_on_the_budget_and_trains(tmp_path):

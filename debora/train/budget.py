@@ -38,15 +38,22 @@ from typing import Optional
 import torch
 
 
+SCHEDULE_POWERS = {"cubic": 3, "linear": 1}
+
+
 def scheduled_count(iteration: int, total_iterations: int, start_rank: int, target: int,
-                    prune_start: float, prune_end: float) -> int:
-    """k(n) of the module doc: the most live components allowed after outer iteration ``iteration``."""
+                    prune_start: float, prune_end: float, shape: str = "cubic") -> int:
+    """k(n) of the module doc: the most live components allowed after outer iteration ``iteration``;
+    ``shape="linear"`` lowers it along (1 − p(n)) instead of (1 − p(n))³ (the same window, the removals
+    later in it)."""
+    if shape not in SCHEDULE_POWERS:
+        raise ValueError(f"shape={shape!r} is not one of {sorted(SCHEDULE_POWERS)}")
     if target >= start_rank:
         return start_rank
     n_start = prune_start * total_iterations
     n_end = max(prune_end * total_iterations, n_start + 1e-9)
     p = min(1.0, max(0.0, (iteration - n_start) / (n_end - n_start)))
-    return int(target + math.ceil((start_rank - target) * (1.0 - p) ** 3))
+    return int(target + math.ceil((start_rank - target) * (1.0 - p) ** SCHEDULE_POWERS[shape]))
 
 
 def smallest_beyond(s: torch.Tensor, alive: torch.Tensor, keep: int, protected: torch.Tensor,

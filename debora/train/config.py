@@ -67,6 +67,8 @@ class TrainConfig:
     prune_start: float = 0.1               # fraction of the run where the cubic schedule k(n) starts
     prune_end: float = 0.7                 # ... and where it reaches R* (AdaLoRA's window:
                                            # docs/rank_selection.md round 9)
+    prune_schedule: str = "cubic"          # the count's path over that window: (1 − p)³ (AdaLoRA's) or
+                                           # "linear", (1 − p): the removals later in the window (round 17)
     prune_by: str = "svd"                  # which components go first: "svd": re-factorise the layers that
                                            # lose components (debora/refactor.py), the smallest by
                                            # svd_allocation first; smallest "s" (the bilevel preset: s chosen
@@ -179,7 +181,8 @@ class TrainConfig:
                               ("bf16", ("auto", "on", "off")), ("prune_by", ("s", "svd", "random")),
                               ("svd_allocation", ("sigma", "sigma2_per_param", "uniform", "taylor", "fisher")),
                               ("prune_allocation", PRUNE_ALLOCATIONS),
-                              ("refold_magnitudes", ("auto", "off", "init_s", "layer_total"))):
+                              ("refold_magnitudes", ("auto", "off", "init_s", "layer_total")),
+                              ("prune_schedule", ("cubic", "linear"))):
             choice(name, options)
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise ValueError(f"tau (τ, the rank budget) must be > 0, got {self.tau!r}")

@@ -547,10 +547,10 @@ class Trainer:
         if cfg.target_params is not None:
             start = cfg.init_rank * sum(layer.component_numel() for layer in layers.values())
             return scheduled_count(iteration, self.total_iterations, start, int(cfg.target_params),
-                                   cfg.prune_start, cfg.prune_end)
+                                   cfg.prune_start, cfg.prune_end, cfg.prune_schedule)
         target = max(1, int(round(cfg.target_rank * len(layers))))
         return scheduled_count(iteration, self.total_iterations, cfg.init_rank * len(layers), target,
-                               cfg.prune_start, cfg.prune_end)
+                               cfg.prune_start, cfg.prune_end, cfg.prune_schedule)
 
     def enforce_rank_budget(self, state: TrainState, slices) -> torch.Tensor:
         """The components beyond k(n) with the smallest s (budget.py); those not yet at the floor are

@@ -66,7 +66,7 @@ def default_preset() -> Dict[str, object]:
                 weight_decay=d.weight_decay, gamma=d.fw_step_size, T_max=d.inner_steps, lr=d.lr,
                 lr_schedule=d.lr_schedule, warmup=d.warmup, fw_step_schedule=d.fw_step_schedule,
                 batch=d.batch_size, target_rank=d.target_rank, prune_start=d.prune_start,
-                prune_end=d.prune_end, truncate_from=d.truncate_from)
+                prune_end=d.prune_end, prune_schedule=d.prune_schedule, truncate_from=d.truncate_from)
 
 
 PRESET = default_preset()
@@ -275,7 +275,7 @@ def fw_run(st: Study, T: int, n_ref: int, budget: bool, seed: int = 0) -> dict:
         g = torch.where(alive, g, g[alive].abs().max() + 1.0)     # removed: never the FW vertex
         s, state, info = opt.step(g.to(s.dtype), state)
         if budget and n >= n0:
-            k = scheduled_count(n, T, R0, k_target, P["prune_start"], P["prune_end"])
+            k = scheduled_count(n, T, R0, k_target, P["prune_start"], P["prune_end"], P["prune_schedule"])
             protected = torch.zeros(R0, dtype=torch.bool)
             for sl in slices:
                 blk = torch.where(alive[sl], s[sl], torch.full_like(s[sl], -math.inf))
