@@ -80,3 +80,11 @@ rm -f "$six"
     .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, learn s" --b "oblique-svd r0=8" --json \
         "$(ls benchmarks/results/fronts_fmnist16_dev_learn_s_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
 } > benchmarks/results/fmnist16_learn_s_paired.md
+# round 17: the image preset with its budget lowered linearly over 10-70% instead of cubically
+# (prune_schedule="linear"), tuning seeds 100-102, paired with the preset's development rows
+{
+    echo "# Fashion-MNIST: the oblique-svd preset with the linear budget schedule, tuning seeds 100-102, paired by seed"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, linear schedule" --b "oblique-svd r0=8" --json \
+        "$(ls benchmarks/results/fronts_fmnist17_dev_linear_schedule_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+} > benchmarks/results/fmnist17_schedule_paired.md

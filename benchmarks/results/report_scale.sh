@@ -153,3 +153,13 @@ learn_s="svd cut at s 0.1, sigma2/param, refold total, learn s"
     echo
     paired "$(ls benchmarks/results/scale16_tw24_learn_s_*.json benchmarks/results/scale_tw24_lin_debora{1,2,4}_svds01.json | paste -sd, -)" "$learn_s"
 } > benchmarks/results/scale24_linear_learn_s16_paired.md
+# round 17: the budget's count lowered linearly over the default's 10-70% window instead of cubically
+# (prune_schedule="linear": the removals later in the same window), Rotten Tomatoes development seeds 100-102,
+# paired by seed with the round-12 default (scale24_linear_schedule17_paired.md)
+{
+    echo "# Round 17: the linear budget schedule, paired by seed with the round-12 default (cubic)"
+    echo
+    echo "## Development seeds 100-102 (Rotten Tomatoes)"
+    echo
+    paired "$(ls benchmarks/results/dev17_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut linear schedule"
+} > benchmarks/results/scale24_linear_schedule17_paired.md
