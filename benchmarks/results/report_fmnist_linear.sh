@@ -30,6 +30,12 @@ PY
     --json "$six" --out benchmarks/results/fmnist11_6seeds.md --plot-dir benchmarks/results/fmnist11_6seeds \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 rm -f "$six"
+# dev_paired A FILES: variant A (its records: FILES, comma-separated) paired by seed with the preset's
+# development rows on the tuning seeds 100-102 (benchmarks/variant_paired.py)
+dev_paired() {
+    .venv/bin/python benchmarks/variant_paired.py --a "$1" --b "oblique-svd r0=8" --json \
+        "$2,benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+}
 # round 14: the cut ranked by its first-order loss cost (svd_allocation="taylor") in the image preset, on the
 # tuning seeds 100-102, paired with the preset (sigma2_per_param) at the same budgets. fronts_fmnist14_dev_taylor.json
 # was run before the gradient pass put BatchNorm on batch statistics (running estimates then); the code now
@@ -38,8 +44,7 @@ rm -f "$six"
     echo "# Fashion-MNIST: svd_allocation=taylor vs the oblique-svd preset, tuning seeds 100-102, paired by seed"
     echo
     for a in "oblique-svd r0=8, taylor, BN batch stats" "oblique-svd r0=8, taylor"; do
-        .venv/bin/python benchmarks/variant_paired.py --a "$a" --b "oblique-svd r0=8" --json \
-            "benchmarks/results/fronts_fmnist14_dev_taylor_bn.json,benchmarks/results/fronts_fmnist14_dev_taylor.json,benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+        dev_paired "$a" "benchmarks/results/fronts_fmnist14_dev_taylor_bn.json,benchmarks/results/fronts_fmnist14_dev_taylor.json"
         echo
     done
 } > benchmarks/results/fmnist14_taylor_paired.md
@@ -51,8 +56,7 @@ rm -f "$six"
     echo
     echo "## Development seeds 100-102"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, fisher" --b "oblique-svd r0=8" --json \
-        "$(ls benchmarks/results/fronts_fmnist15_dev_fisher_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+    dev_paired "oblique-svd r0=8, fisher" "$(ls benchmarks/results/fronts_fmnist15_dev_fisher_*.json | paste -sd, -)"
     echo
     echo "## Report seeds 0-5"
     echo
@@ -67,8 +71,7 @@ rm -f "$six"
     echo "# Fashion-MNIST: the oblique-svd preset with a later cut window or survivors refolded to init_s, tuning seeds 100-102, paired by seed"
     echo
     for a in "oblique-svd r0=8, cut 0.1-0.9" "oblique-svd r0=8, cut 0.3-0.9" "oblique-svd r0=8, refold init_s"; do
-        .venv/bin/python benchmarks/variant_paired.py --a "$a" --b "oblique-svd r0=8" --json \
-            "$(ls benchmarks/results/fronts_fmnist15_dev_window_*.json benchmarks/results/fronts_fmnist15_dev_refold_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+        dev_paired "$a" "$(ls benchmarks/results/fronts_fmnist15_dev_window_*.json benchmarks/results/fronts_fmnist15_dev_refold_*.json | paste -sd, -)"
         echo
     done
 } > benchmarks/results/fmnist15_window_paired.md
@@ -77,14 +80,12 @@ rm -f "$six"
 {
     echo "# Fashion-MNIST: the oblique-svd preset with s learned by AdamW (learn_s), tuning seeds 100-102, paired by seed"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, learn s" --b "oblique-svd r0=8" --json \
-        "$(ls benchmarks/results/fronts_fmnist16_dev_learn_s_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+    dev_paired "oblique-svd r0=8, learn s" "$(ls benchmarks/results/fronts_fmnist16_dev_learn_s_*.json | paste -sd, -)"
 } > benchmarks/results/fmnist16_learn_s_paired.md
 # round 17: the image preset with its budget lowered linearly over 10-70% instead of cubically
 # (prune_schedule="linear"), tuning seeds 100-102, paired with the preset's development rows
 {
     echo "# Fashion-MNIST: the oblique-svd preset with the linear budget schedule, tuning seeds 100-102, paired by seed"
     echo
-    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=8, linear schedule" --b "oblique-svd r0=8" --json \
-        "$(ls benchmarks/results/fronts_fmnist17_dev_linear_schedule_*.json | paste -sd, -),benchmarks/results/fronts_fmnist14_dev_default.json,benchmarks/results/fronts_fmnist13_dev_r08.json"
+    dev_paired "oblique-svd r0=8, linear schedule" "$(ls benchmarks/results/fronts_fmnist17_dev_linear_schedule_*.json | paste -sd, -)"
 } > benchmarks/results/fmnist17_schedule_paired.md
