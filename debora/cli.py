@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--learn-s", dest="learn_s", action="store_true", default=None,
                     help="train s with the bases' AdamW (a learned magnitude per component; needs "
                          "--fw-step-size 0): the budget's SVD cut still chooses the ranks")
+    tr.add_argument("--learn-log-s", dest="learn_log_s", action="store_true", default=None,
+                    help="with --learn-s: AdamW on log s instead of s (multiplicative steps, s <- "
+                         "s*exp(-lr*u), on the scale of each s; no weight decay on s)")
     tr.add_argument("--overwrite", dest="overwrite", action="store_true", default=None,
                     help="replace the outputs of an earlier run in --output-dir (default: refuse a "
                          "non-empty output directory unless --resume is given)")
@@ -203,7 +206,7 @@ def config_from_args(args) -> "TrainConfig":
         if v is not None:
             values[dest] = _split_list(v) if dest in LIST_FIELDS else v
     for dest in ("export_peft", "plots", "progress", "fused_first_order", "overwrite", "allow_many_classes",
-                 "svd_unfold", "learn_s"):
+                 "svd_unfold", "learn_s", "learn_log_s"):
         v = getattr(args, dest)
         if v is not None:
             values[dest] = v

@@ -49,6 +49,8 @@ TAYLOR = dict(SVD, svd_allocation="taylor", taylor_batches=2, taylor_refresh=0.2
 FISHER = dict(TAYLOR, svd_allocation="fisher")
 # the SVD cut with s trained by the lower AdamW (learn_s): s is DDP's, its gradient all-reduced with the bases'
 LEARN_S = dict(SVD, learn_s=True)
+# ... and stepped in log s (learn_log_s): the all-reduced ∂f/∂s times s, the same on every rank
+LEARN_LOG_S = dict(LEARN_S, learn_log_s=True)
 
 
 class Stop(Exception):
@@ -111,6 +113,7 @@ def main(base: str) -> None:
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_taylor"), **TAYLOR))
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_fisher"), **FISHER))
         train(tiny_config(tmp, output_dir=str(tmp / "ddp_learn_s"), **LEARN_S))
+        train(tiny_config(tmp, output_dir=str(tmp / "ddp_learn_log_s"), **LEARN_LOG_S))
         # 3. interrupted and resumed runs of three estimators, against uninterrupted ones
         for name, over in RESUME.items():
             full = tiny_config(tmp, output_dir=str(tmp / f"full_{name}"), checkpoint_every=2,

@@ -20,7 +20,7 @@ from debora.train import train
 from debora.train.distributed import shard
 from debora.train.metrics import read_metrics
 from debora.train.resume import check_world_size
-from dist_worker import CG, DEFAULT, FISHER, LEARN_S, RESUME, SVD, TAYLOR
+from dist_worker import CG, DEFAULT, FISHER, LEARN_LOG_S, LEARN_S, RESUME, SVD, TAYLOR
 from test_train_tiny import make_dataset, make_tiny_model, one_thread, tiny_config  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,8 +75,8 @@ def reference(base):
     # (float32 summation order; 2.3e-6 for Frank-Wolfe on s), so its reference sums the gradient as DDP
     # does, the mean of two half-batch means
     for name, over in (("default", DEFAULT), ("cg", CG), ("svd", SVD), ("taylor", TAYLOR),
-                       ("fisher", FISHER), ("learn_s", LEARN_S)):
-        batch = (dict(batch_size=8, grad_accum=2) if name in ("svd", "taylor", "fisher", "learn_s")
+                       ("fisher", FISHER), ("learn_s", LEARN_S), ("learn_log_s", LEARN_LOG_S)):
+        batch = (dict(batch_size=8, grad_accum=2) if name in ("svd", "taylor", "fisher", "learn_s", "learn_log_s")
                  else dict(batch_size=16))
         cfg = tiny_config(base, output_dir=str(base / f"one_{name}"), **dict(over, **batch))
         out[name] = train(cfg).output_dir
@@ -106,7 +106,7 @@ def _assert_same_run(got_dir, want_dir, rtol=1e-5):
         assert _rel(ta[k].double(), tb[k].double()) <= rtol, k
 
 
-@pytest.mark.parametrize("name", ["default", "cg", "svd", "taylor", "fisher", "learn_s"])
+@pytest.mark.parametrize("name", ["default", "cg", "svd", "taylor", "fisher", "learn_s", "learn_log_s"])
 def test_two_processes_match_one_process_with_twice_the_batch(worker, reference, base, name):
     run = str(base / f"ddp_{name}")
     _assert_same_run(run, reference[name])

@@ -104,6 +104,8 @@ class TrainConfig:
                                            # component (as DoRA's, per rank-one term), kept >= ε; needs s held
                                            # by Frank-Wolfe (fw_step_size=0): the budget's SVD cut still
                                            # chooses the ranks (docs/rank_selection.md round 16)
+    learn_log_s: bool = False              # with learn_s: AdamW on log s instead of s (multiplicative steps,
+                                           # s ← s·exp(−η·u), scale-free; no weight decay on s) (round 18)
     split: str = "same"                    # D1/D2: random equal halves (stratified) or D1 = D2 ("same")
     estimator: str = "first-order"
     estimator_options: Dict[str, Any] = field(default_factory=dict)
@@ -292,6 +294,9 @@ class TrainConfig:
             raise ValueError(f"learn_s=True trains s with the lower AdamW, so Frank-Wolfe must not move it: "
                              f"set fw_step='constant' and fw_step_size=0, got fw_step={self.fw_step!r}, "
                              f"fw_step_size={self.fw_step_size!r}")
+        if self.learn_log_s and not self.learn_s:
+            raise ValueError("learn_log_s=True says how s is learned (AdamW on log s); it needs learn_s=True "
+                             "(--learn-s --learn-log-s)")
         if self.truncate_atol is not None and self.truncate_atol < 0:
             raise ValueError(f"truncate_atol must be >= 0 or None, got {self.truncate_atol!r}")
         if isinstance(self.target_modules, str) and not self.target_modules:

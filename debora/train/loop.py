@@ -126,6 +126,22 @@ def nonfinite_parameters(model) -> List[str]:
     return [n for n, ok in zip(params, flags.tolist()) if not ok]
 
 
+
+@torch.no_grad()
+def log_space_step(opt: torch.optim.Optimizer, params: List[torch.nn.Parameter]) -> None:
+    """``opt.step()`` with ``params`` (positive; learn_log_s: the magnitudes s) stepped in θ = log p:
+    ∂f/∂θ = p ⊙ ∂f/∂p, θ ← the optimizer's step on θ, p = exp θ — for AdamW, p ← p·exp(−η·u), a step on
+    each p's own scale. ``params`` hold θ only inside this call, so the optimizer's moments for them are
+    θ's. Fused ops, no host sync."""
+    ps = [p for p in params if p.grad is not None]
+    if ps:
+        torch._foreach_mul_([p.grad for p in ps], ps)
+        torch._foreach_log_(ps)
+    opt.step()
+    if ps:
+        torch._foreach_exp_(ps)
+
+
 class Trainer:
     """Bilevel training of a dEBORA-adapted model.
 
@@ -248,9 +264,16 @@ class Trainer:
         saved = tuple(n + "." for n in saved_modules(self.model))
         head = [p for n, p in params.items() if saved and n.startswith(saved)]
         body = [p for n, p in params.items() if not (saved and n.startswith(saved))]
+        log_s = []
+        if cfg.learn_log_s:     # s in a group of its own: AdamW on θ = log s, without weight decay
+            names = set(debora.upper_parameters(self.model))
+            log_s = [p for n, p in params.items() if n in names]
+            body = [p for n, p in params.items() if n not in names and not (saved and n.startswith(saved))]
         groups = [{"params": body, "lr": cfg.lr}]
         if head:
             groups.append({"params": head, "lr": cfg.head_lr or cfg.lr})
+        if log_s:
+            groups.append({"params": log_s, "lr": cfg.lr, "weight_decay": 0.0, "log_s": True})
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def lr_factor_at(self, step: int) -> float:
@@ -263,8 +286,9 @@ class Trainer:
         then the head); a function of the step only, so resume and truncation need no scheduler state."""
         cfg = self.cfg
         f = self.lr_factor_at(step)
-        for group, base in zip(opt.param_groups, (cfg.lr, cfg.head_lr or cfg.lr)):
-            group["lr"] = base * f
+        bases = iter((cfg.lr, cfg.head_lr or cfg.lr))
+        for group in opt.param_groups:
+            group["lr"] = (cfg.lr if group.get("log_s") else next(bases)) * f
 
     @property
     def fw_tau(self) -> float:
@@ -353,7 +377,10 @@ class Trainer:
                 self._nonfinite(state, f"lower loss is {total.item()} at iteration {state.iteration}")
                 continue
             debora.project_gradients(model)
-            opt.step()
+            if cfg.learn_log_s:
+                log_space_step(opt, self.s_parameters)
+            else:
+                opt.step()
             debora.retract(model)
             if cfg.learn_s:     # the magnitudes stay on their floor's side, s >= ε (one fused op)
                 with torch.no_grad():
