@@ -89,3 +89,19 @@ dev_paired() {
     echo
     dev_paired "oblique-svd r0=8, linear schedule" "$(ls benchmarks/results/fronts_fmnist17_dev_linear_schedule_*.json | paste -sd, -)"
 } > benchmarks/results/fmnist17_schedule_paired.md
+# round 18: the image front at LoRA r = 1's size, tuning seeds 100-102. The held magnitude around the preset's
+# (init_s 0.5 / 2 instead of 1) and s learned in log space (learn_log_s), paired with the preset's development
+# rows; and the preset below LoRA r = 1's size (target_params 17,088 and 11,392: 3/4 and 1/2 of it) beside its
+# development rows at 22,784 and 45,568
+{
+    echo "# Fashion-MNIST at LoRA r = 1's size: the held magnitude and a learned one in log space, tuning seeds 100-102, paired by seed"
+    echo
+    for a in "oblique-svd r0=8, init_s 0.5" "oblique-svd r0=8, init_s 2"; do
+        dev_paired "$a" "$(ls benchmarks/results/fronts_fmnist18_dev_init_s*.json | paste -sd, -)"
+        echo
+    done
+    dev_paired "oblique-svd r0=8, learn log s" "$(ls benchmarks/results/fronts_fmnist18_dev_learn_log_s_*.json | paste -sd, -)"
+} > benchmarks/results/fmnist18_magnitude_paired.md
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
+    --json "/dev/null,$(ls benchmarks/results/fronts_fmnist18_dev_P*.json | paste -sd, -),benchmarks/results/fronts_fmnist13_dev_r08.json,benchmarks/results/fronts_fmnist14_dev_default.json" \
+    --out benchmarks/results/fmnist18_below_r1.md --plot-dir benchmarks/results/fmnist18_below_r1

@@ -163,3 +163,34 @@ learn_s="svd cut at s 0.1, sigma2/param, refold total, learn s"
     echo
     paired "$(ls benchmarks/results/dev17_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut linear schedule"
 } > benchmarks/results/scale24_linear_schedule17_paired.md
+# round 18: the top of the text front at LoRA r = 8's size. The default's largest point is target 4 (half of
+# LoRA r = 8's adapter); the setting here starts from r0 = 16 (AdaLoRA's habit of starting above the target)
+# and cuts to --target-params 331776, LoRA r = 8's adapter count, under a global budget. The six-seed tables
+# of round 13 with these rows added: their dominance lines count it as one more dEBORA setting
+# (scale24_linear_top18_{rt,tw}.md)
+for t in rt tw; do
+    task=rotten-tomatoes; [ "$t" = tw ] && task=tweets
+    ada="benchmarks/results/scale_rt24_lin_adalora1.json,benchmarks/results/scale_rt24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_rt24_lin_adalora12_s345.json,benchmarks/results/scale_rt24_lin_adalora4_s345.json"
+    [ "$t" = tw ] && ada="benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json"
+    .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks "$task" --lr-schedule linear \
+        --json "$svd6,$ada,$(ls benchmarks/results/top18_${task}_*.json | paste -sd, -)" \
+        --out "benchmarks/results/scale24_linear_top18_$t.md" --plot-dir "benchmarks/results/scale24_linear_top18_$t" \
+        "${svd_default[@]}"
+done
+# ... and Frank-Wolfe on s (--preset bilevel at 3e-3, round 11's default) with the first-order hypergradient
+# replaced by warm-started conjugate gradient (3 products per outer iteration), Rotten Tomatoes development
+# seeds 100-102 at target 2, paired with the same preset's first-order rows of round 8 ("prune 10-70%") and with
+# seed 100's first-order run re-done on round 18's code (scale24_linear_cg18_paired.md)
+{
+    echo "# Round 18: the bilevel preset with a warm-started CG hypergradient, paired by seed with its first-order rows"
+    echo
+    echo "## Development seeds 100-102 (Rotten Tomatoes), first-order rows of round 8"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "bilevel, warm-started cg" --b "prune 10-70%" --lr 0.003 \
+        --json "$(ls benchmarks/results/dev18_cg_*.json benchmarks/results/tune_seeds_rt24_lin_debora_prune1070_{a,b}.json | paste -sd, -)"
+    echo
+    echo "## The first-order row of seed 100 re-run on round 18's code"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "bilevel, warm-started cg" --b "prune 10-70%" --lr 0.003 \
+        --json "$(ls benchmarks/results/dev18_*.json | paste -sd, -)"
+} > benchmarks/results/scale24_linear_cg18_paired.md
