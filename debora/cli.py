@@ -41,6 +41,9 @@ FLAGS = [
     ("--alpha", "alpha", float, "LoRA-style scale α (update scaled by α/r0)"),
     ("--init-s", "init_s", float, "initial value of every s_i (default 0.1: with s held, each "
                                        "component's magnitude α·s/r0)"),
+    ("--init-bases", "init_bases", str, "directions of the initial oblique/Stiefel bases: random "
+                                        "(default) | principal (each weight's leading singular vectors, "
+                                        "PiSSA's) | minor (its trailing ones, MiLoRA's)"),
     ("--target-rank", "target_rank", float, "final average rank per adapter (the rank budget as a "
                                             "count; cubic schedule from init-rank)"),
     ("--target-params", "target_params", int, "the budget in adapter parameters instead (s and basis "

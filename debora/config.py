@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Union
 
 BUDGETS = ("global", "per_layer")
 BASES = ("euclidean", "oblique", "stiefel")
+INIT_BASES = ("random", "principal", "minor")
 
 
 @dataclass
@@ -47,6 +48,10 @@ class DeboraConfig:
             folded into the base weight, so removing a component later re-adds its share of −ΔW0: a
             small ``init_s`` (close to ε) keeps truncation nearly neutral. Must satisfy
             ε ≤ init_s and n·(init_s − ε) ≤ τ (n = components sharing one budget).
+        init_bases: directions of the initial oblique/Stiefel bases: ``"random"`` (default),
+            ``"principal"`` (each base weight's r leading singular vectors, PiSSA's) or ``"minor"``
+            (its r trailing ones, MiLoRA's); the magnitude stays s0 and ΔW0 is folded as usual, so
+            the model is unchanged at start. Euclidean bases take ``"random"`` only.
     """
 
     target_modules: Union[List[str], str] = field(default_factory=list)
@@ -59,6 +64,7 @@ class DeboraConfig:
     modules_to_save: Optional[List[str]] = None
     init_seed: Optional[int] = None
     init_s: Optional[float] = None
+    init_bases: str = "random"
 
     def __post_init__(self):
         tm = self.target_modules
@@ -101,6 +107,12 @@ class DeboraConfig:
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not (self.eps <= v < float("inf")):
                 raise ValueError(f"init_s must be a finite number >= eps = {self.eps:g}, got {v!r}")
             self.init_s = float(v)
+        if self.init_bases not in INIT_BASES:
+            raise ValueError(f"init_bases must be one of {INIT_BASES}, got {self.init_bases!r}")
+        if self.init_bases != "random" and self.basis == "euclidean":
+            raise ValueError(f"init_bases={self.init_bases!r} needs basis='oblique' or 'stiefel' (their "
+                             "initial update is folded into the base weight); got basis='euclidean'. "
+                             "Use init_bases='random' or change the basis")
         if self.init_seed is not None and not isinstance(self.init_seed, numbers.Integral):
             raise ValueError(f"init_seed must be an int or None, got {self.init_seed!r}")
 

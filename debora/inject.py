@@ -90,6 +90,11 @@ def inject(model: nn.Module, cfg: DeboraConfig) -> nn.Module:
                              f"({adapters[n].describe()}, basis={cfg.basis!r}): at most "
                              f"{adapters[n].max_rank()}. Lower init_rank or leave the layer out of "
                              "target_modules")
+        if cfg.init_bases != "random" and cfg.init_rank > adapters[n].singular_rank_bound():
+            raise ValueError(f"init_bases={cfg.init_bases!r} needs init_rank <= "
+                             f"{adapters[n].singular_rank_bound()} for {n!r} ({adapters[n].describe()}: "
+                             f"that many singular vectors), got init_rank={cfg.init_rank}. Lower "
+                             "init_rank, use init_bases='random', or leave the layer out of target_modules")
     saved = []
     if cfg.modules_to_save:
         saved = [n for n in names if _match_list(n, cfg.modules_to_save)
@@ -108,7 +113,7 @@ def inject(model: nn.Module, cfg: DeboraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for n, layer in adapters.items():
-        layer.init_(cfg.init_rank, s0, gen)
+        layer.init_(cfg.init_rank, s0, gen, cfg.init_bases)
         _set_module(model, n, layer)
     for n in saved:
         for p in model.get_submodule(n).parameters():

@@ -21,6 +21,16 @@ Initialisation (ΔW = 0 at start, s feasible):
     weight (``W0 ← W0 − ΔW0``, like PEFT's PiSSA/OLoRA): the model output is unchanged at start.
     The initial factors are kept as buffers (``U0`` = scaling·U·diag(s0), ``V0``; ``A0`` … ``D0`` for
     CP) so that saving, loading onto an untouched base model, and PEFT export stay exact.
+
+Directions of the initial bases (``DeboraConfig.init_bases``, oblique / Stiefel only):
+  * ``"random"``: Gaussian columns retracted onto the manifold (the default).
+  * ``"principal"``: the base weight's r leading singular vectors, W = Σ_j σ_j l_j r_jᵀ →
+    U = [l_1 … l_r], V = [r_1 … r_r] (PiSSA's directions, Meng et al. 2024), at the magnitude s0:
+    the first steps move W along its principal subspace (ΔU V0ᵀ + U0 ΔVᵀ) instead of random ones.
+  * ``"minor"``: the r trailing singular vectors (MiLoRA's directions, Wang et al. 2024).
+  For CP adapters A and B come from the kernel's mode-0 / mode-1 unfoldings (HOSVD's factors; for
+  1×1 kernels this is the SVD of the [out, in] matrix, and C = D = 1); C and D of larger kernels
+  stay random.
 """
 from __future__ import annotations
 
@@ -31,6 +41,22 @@ import torch
 from torch import nn
 
 from .. import manifolds
+
+
+INIT_DIRECTIONS = ("random", "principal", "minor")
+
+
+def singular_directions(W: torch.Tensor, r: int, which: str, what: str):
+    """``(L, R)``: r left / right singular vectors of the matrix W (float64), the leading ones for
+    ``which="principal"``, the trailing ones for ``"minor"``, columns in singular-value order.
+    ``what`` names W in the error raised when W has fewer than r singular vectors."""
+    k = min(W.shape)
+    if r > k:
+        raise ValueError(f"init_bases={which!r} needs init_rank <= {k} for {what} (it has {k} singular "
+                         f"vectors), got init_rank={r}; lower init_rank or use init_bases='random'")
+    L, _, Rh = torch.linalg.svd(W.detach().to(torch.float64), full_matrices=False)
+    idx = slice(0, r) if which == "principal" else slice(k - r, k)
+    return L[:, idx], Rh[idx].transpose(0, 1)
 
 
 class AdapterLayer(nn.Module):
@@ -90,16 +116,25 @@ class AdapterLayer(nn.Module):
         z = {n: torch.zeros(shape, dtype=w.dtype) for n, shape in self.basis_shapes(r).items()}
         self._set_params(torch.zeros(r, dtype=w.dtype), z)
 
-    def init_(self, r: int, s0: float, generator: Optional[torch.Generator] = None) -> None:
-        """Random bases (ΔW = 0, see module doc) and ``s = s0·1``."""
+    def init_(self, r: int, s0: float, generator: Optional[torch.Generator] = None,
+              directions: str = "random") -> None:
+        """Bases of rank r (ΔW = 0, see module doc) and ``s = s0·1``; ``directions``: ``"random"``,
+        or the base weight's ``"principal"`` / ``"minor"`` singular vectors (oblique/Stiefel only)."""
         if not 1 <= r <= self.max_rank():
             raise ValueError(f"init_rank={r} is not allowed for this {self.describe()}: it must be "
                              f"between 1 and {self.max_rank()}; lower init_rank or leave this layer out "
                              f"of target_modules")
+        if directions not in INIT_DIRECTIONS:
+            raise ValueError(f"directions must be one of {INIT_DIRECTIONS}, got {directions!r}")
+        if directions != "random" and self.basis == "euclidean":
+            raise ValueError(f"init_bases={directions!r} needs oblique or stiefel bases (their ΔW0 is "
+                             "folded into the base weight); with basis='euclidean' use init_bases='random'")
         bases = {}
         for n, shape in self.basis_shapes(r).items():
             kind = self.basis_kinds[n]
             bases[n] = manifolds.random_point(kind, shape[0], r, generator, torch.float64)
+        if directions != "random":
+            bases.update(self._singular_bases(r, directions))
         if self.basis == "euclidean":
             bases = self._euclidean_init(bases, generator)
         self._set_params(torch.full((r,), float(s0), dtype=torch.float64), bases)
@@ -107,6 +142,14 @@ class AdapterLayer(nn.Module):
             self.fold_init_()
 
     def _euclidean_init(self, bases, generator):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def singular_rank_bound(self) -> int:  # pragma: no cover - abstract
+        """The largest r for which ``init_(directions="principal" / "minor")`` has r singular vectors."""
+        raise NotImplementedError
+
+    def _singular_bases(self, r: int, which: str) -> Dict[str, torch.Tensor]:  # pragma: no cover
+        """The bases that ``init_(directions=which)`` takes from the base weight's SVD."""
         raise NotImplementedError
 
     # -- the update -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .base import AdapterLayer
+from .base import AdapterLayer, singular_directions
 
 
 class CPConv2dAdapter(AdapterLayer):
@@ -101,6 +101,22 @@ class CPConv2dAdapter(AdapterLayer):
             X = bases[n]
             bases[n] = X / X.norm(dim=0, keepdim=True).clamp_min(1e-12)
         return bases
+
+    def singular_rank_bound(self) -> int:
+        k = self.kh * self.kw
+        return min(self.out_channels, self.in_channels * k, self.in_channels, self.out_channels * k)
+
+    def _singular_bases(self, r, which):
+        W = self.weight_ref.detach()                                  # [out, in, kh, kw]
+        what = self.describe()
+        if (self.kh, self.kw) == (1, 1):     # the [out, in] matrix's SVD, paired vectors; C = D = 1
+            A, B = singular_directions(W[:, :, 0, 0], r, which, what)
+            one = torch.ones(1, r, dtype=torch.float64)
+            return {"A": A, "B": B, "C": one, "D": one.clone()}
+        A, _ = singular_directions(W.reshape(self.out_channels, -1), r, which, what + " (mode-0 unfolding)")
+        B, _ = singular_directions(W.transpose(0, 1).reshape(self.in_channels, -1), r, which,
+                                   what + " (mode-1 unfolding)")
+        return {"A": A, "B": B}
 
     def _delta_from(self, s, f, scaling):
         return torch.einsum("i,oi,ci,pi,qi->ocpq", s * scaling, f["A"], f["B"], f["C"], f["D"])

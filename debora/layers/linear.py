@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .base import AdapterLayer
+from .base import AdapterLayer, singular_directions
 
 try:  # transformers is a dependency, but keep the layer importable without it
     from transformers.pytorch_utils import Conv1D
@@ -52,6 +52,14 @@ class MatrixAdapter(AdapterLayer):
                       * 2 - 1) * bound
         bases["U"] = torch.zeros(self.out_features, r, dtype=torch.float64)
         return bases
+
+    def singular_rank_bound(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    def _singular_bases(self, r, which):
+        W = self.weight_ref.transpose(0, 1) if self.transposed else self.weight_ref   # [out, in]
+        U, V = singular_directions(W, r, which, self.describe())
+        return {"U": U, "V": V}
 
     def _delta_from(self, s, bases, scaling):
         d = (bases["U"] * (s * scaling)) @ bases["V"].transpose(0, 1)   # [out, in]

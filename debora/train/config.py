@@ -58,6 +58,9 @@ class TrainConfig:
                                            # With s held (fw_step_size=0) it is each component's magnitude
                                            # (α·s/r0): 0.1 is text's (docs/rank_selection.md round 12),
                                            # 1 images' (oblique-svd)
+    init_bases: str = "random"             # directions of the initial oblique/Stiefel bases: random |
+                                           # principal (each weight's leading singular vectors, PiSSA's) |
+                                           # minor (its trailing ones, MiLoRA's); see DeboraConfig
     # -- rank budget as a count (budget.py): None = only the paper's rule (remove components at ε) ------
     target_rank: Optional[float] = 2.0     # final average rank per adapter, R* = target_rank × layers
     target_params: Optional[int] = None    # or a budget in adapter parameters P* (every adapter's s and basis
@@ -184,8 +187,13 @@ class TrainConfig:
                               ("svd_allocation", ("sigma", "sigma2_per_param", "uniform", "taylor", "fisher")),
                               ("prune_allocation", PRUNE_ALLOCATIONS),
                               ("refold_magnitudes", ("auto", "off", "init_s", "layer_total")),
-                              ("prune_schedule", ("cubic", "linear"))):
+                              ("prune_schedule", ("cubic", "linear")),
+                              ("init_bases", ("random", "principal", "minor"))):
             choice(name, options)
+        if self.init_bases != "random" and self.basis == "euclidean":
+            raise ValueError(f"init_bases={self.init_bases!r} needs basis oblique or stiefel (their initial "
+                             "update is folded into the base weight), got basis='euclidean'; use "
+                             "init_bases='random' or --basis oblique")
         if not (isinstance(self.tau, (int, float)) and self.tau > 0):
             raise ValueError(f"tau (τ, the rank budget) must be > 0, got {self.tau!r}")
         if not (isinstance(self.eps, (int, float)) and self.eps > 0):

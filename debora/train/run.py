@@ -107,7 +107,7 @@ def prepare(cfg: TrainConfig, device: torch.device):
     dcfg = debora.DeboraConfig(target_modules=targets, init_rank=cfg.init_rank, alpha=cfg.alpha,
                                tau=cfg.tau, eps=cfg.eps, budget=cfg.budget, basis=cfg.basis,
                                modules_to_save=to_save, init_seed=cfg.seed,
-                               init_s=cfg.init_s)
+                               init_s=cfg.init_s, init_bases=cfg.init_bases)
     if hasattr(getattr(model, "config", None), "id2label"):   # class names travel with the model
         model.config.id2label = {i: n for i, n in enumerate(raw.label_names)}
         model.config.label2id = {n: i for i, n in enumerate(raw.label_names)}
