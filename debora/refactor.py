@@ -72,7 +72,7 @@ def _factors(layer: nn.Module, unfold: bool = False) -> Tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def _svd(layer: nn.Module, unfold: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_svd(layer: nn.Module, unfold: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, σ, Q) in float64 with U diag(w) Vᵀ = P diag(σ) Qᵀ (without ``scaling``), the leading
     ``layer.rank`` singular triplets (all of them unless ``unfold``: ΔW − ΔW0 has rank ≤ 2r)."""
     U, V, s = _factors(layer, unfold)
@@ -90,7 +90,7 @@ def singular_values(layer: nn.Module, unfold: bool = False) -> torch.Tensor:
     another CP adapter, or at rank 0, its ``s`` as it is."""
     if not has_svd(layer):
         return layer.s.detach().clone()
-    return _svd(layer, unfold)[1].to(layer.s.dtype)
+    return layer_svd(layer, unfold)[1].to(layer.s.dtype)
 
 
 @torch.no_grad()
@@ -119,7 +119,7 @@ def svd_refactor(model: nn.Module, names: Optional[Iterable[str]] = None,
         if not has_svd(layer):
             continue
         unfolding = unfold and layer.folded
-        P, sig, Q = _svd(layer, unfolding)
+        P, sig, Q = layer_svd(layer, unfolding)
         if layer.basis == "euclidean":
             c = min(1.0, float(layer.s.double().sum()) / max(float(sig.sum()), 1e-300))
             s_new = (c * sig).clamp_min(eps)

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import debora
 from debora.layers import make_adapter
-from debora.refactor import _svd
+from debora.refactor import layer_svd
 from debora.train.sensitivity import kronecker_factors, removal_costs, weight_gradients
 from test_train_tiny import one_thread, tiny_config  # noqa: F401  (autouse fixture)
 
@@ -58,7 +58,7 @@ def test_removal_costs_are_the_exact_change_of_a_loss_linear_in_w(kind, basis, u
                                                                            (1.5 * x,)) * c).sum()),
                                    layer.weight_ref.detach()), rtol=1e-5, atol=1e-5)
     cost = removal_costs(layer, grads["m"].double(), unfold)
-    P, sig, Q = _svd(layer, unfold)
+    P, sig, Q = layer_svd(layer, unfold)
     base_loss = 0.5 * (loss_of(x) + loss_of(2 * x))
     for j in range(layer.rank):
         removed = layer.scaling * sig[j] * torch.outer(P[:, j], Q[:, j])     # out × in
@@ -73,7 +73,7 @@ def test_removal_costs_are_the_exact_change_of_a_loss_linear_in_w(kind, basis, u
 def test_a_component_that_lowers_the_loss_when_removed_goes_first(tmp_path):
     """The key is signed: a component the loss wants gone (Δf1 < 0) is cut before one it wants kept."""
     layer = _layer("linear", "euclidean", 5)
-    P, sig, Q = _svd(layer)
+    P, sig, Q = layer_svd(layer)
     G = torch.outer(P[:, 0], Q[:, 0]) - torch.outer(P[:, 2], Q[:, 2])   # f1 rises along 1, falls along 3
     cost = removal_costs(layer, G)
     assert cost[0] < 0 < cost[2] and abs(float(cost[1])) < 1e-12
@@ -170,7 +170,7 @@ def test_curvature_costs_are_the_kronecker_fisher_quadratic_form_of_each_removed
     a, s = torch.randn(7, 7, generator=gen, dtype=D), torch.randn(5, 5, generator=gen, dtype=D)
     A, S = a @ a.T, s @ s.T
     cost = curvature_costs(layer, (A, S), unfold)
-    P, sig, Q = _svd(layer, unfold)
+    P, sig, Q = layer_svd(layer, unfold)
     K = torch.kron(A, S)                                    # vec (column-major) of an out × in matrix
     for j in range(layer.rank):
         d = (layer.scaling * sig[j] * torch.outer(P[:, j], Q[:, j])).T.reshape(-1)

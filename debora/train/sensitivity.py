@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from debora.refactor import _svd, has_svd
+from debora.refactor import layer_svd, has_svd
 
 
 @contextlib.contextmanager
@@ -94,7 +94,7 @@ def weight_gradients(layers: Mapping[str, nn.Module], batches: Iterable[dict],
 def removal_costs(layer: nn.Module, grad: torch.Tensor, unfold: bool = False) -> torch.Tensor:
     """Δf1_j ≈ −scaling · σ_j · u_jᵀ Ḡ v_j for the leading ``layer.rank`` SVD components of the layer's
     update (of ΔW − ΔW0 with ``unfold``, as :func:`debora.refactor.singular_values` orders them)."""
-    P, sig, Q = _svd(layer, unfold)
+    P, sig, Q = layer_svd(layer, unfold)
     G = grad.reshape(grad.shape[0], -1).to(P)           # out × in (a 1×1 conv kernel: out × in × 1 × 1)
     if getattr(layer, "transposed", False):             # GPT-2's Conv1D stores W as in × out
         G = G.transpose(0, 1)
@@ -171,7 +171,7 @@ def curvature_costs(layer: nn.Module, factors: Tuple[torch.Tensor, torch.Tensor]
     """½ (scaling · σ_j)² (u_jᵀ S u_j)(v_jᵀ A v_j) for the leading ``layer.rank`` SVD components of the
     layer's update (of ΔW − ΔW0 with ``unfold``): their second-order removal cost under the
     Kronecker-factored Fisher ``factors`` = (A, S) of :func:`kronecker_factors`."""
-    P, sig, Q = _svd(layer, unfold)
+    P, sig, Q = layer_svd(layer, unfold)
     A, S = (f.to(P) for f in factors)
     out_side = ((S @ P) * P).sum(0)
     in_side = ((A @ Q) * Q).sum(0)
