@@ -105,3 +105,14 @@ dev_paired() {
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
     --json "/dev/null,$(ls benchmarks/results/fronts_fmnist18_dev_P*.json | paste -sd, -),benchmarks/results/fronts_fmnist13_dev_r08.json,benchmarks/results/fronts_fmnist14_dev_default.json" \
     --out benchmarks/results/fmnist18_below_r1.md --plot-dir benchmarks/results/fmnist18_below_r1
+# round 19: the oblique bases started along each convolution's leading (init_bases="principal", PiSSA's) or
+# trailing ("minor", MiLoRA's) singular vectors instead of random ones, tuning seeds 100-102, paired with the
+# preset's development rows
+{
+    echo "# Fashion-MNIST: the oblique-svd preset from singular-vector bases (init_bases), tuning seeds 100-102, paired by seed"
+    echo
+    for d in principal minor; do
+        dev_paired "oblique-svd r0=8, init $d" "$(ls benchmarks/results/fronts_fmnist19_dev_init_${d}_*.json | paste -sd, -)"
+        echo
+    done
+} > benchmarks/results/fmnist19_init_bases_paired.md

@@ -194,3 +194,15 @@ done
     .venv/bin/python benchmarks/variant_paired.py --a "bilevel, warm-started cg" --b "prune 10-70%" --lr 0.003 \
         --json "$(ls benchmarks/results/dev18_*.json | paste -sd, -)"
 } > benchmarks/results/scale24_linear_cg18_paired.md
+# round 19: the default's oblique bases started along each weight's leading (init_bases="principal", PiSSA's)
+# or trailing ("minor", MiLoRA's) singular vectors instead of random ones, Rotten Tomatoes development seeds
+# 100-102, paired by seed with the round-12 default (scale24_linear_init_bases19_paired.md)
+{
+    echo "# Round 19: the default from singular-vector bases (init_bases), paired by seed with the round-12 default (random bases)"
+    for d in principal minor; do
+        echo
+        echo "## init_bases=$d, development seeds 100-102 (Rotten Tomatoes)"
+        echo
+        paired "$(ls benchmarks/results/dev19_${d}_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut $d"
+    done
+} > benchmarks/results/scale24_linear_init_bases19_paired.md
