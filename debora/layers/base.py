@@ -41,9 +41,7 @@ import torch
 from torch import nn
 
 from .. import manifolds
-
-
-INIT_DIRECTIONS = ("random", "principal", "minor")
+from ..config import INIT_BASES as INIT_DIRECTIONS
 
 
 def singular_directions(W: torch.Tensor, r: int, which: str, what: str):

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Union
 
 BUDGETS = ("global", "per_layer")
 BASES = ("euclidean", "oblique", "stiefel")
+from debora.config import INIT_BASES  # noqa: E402  (one list of init_bases choices)
 FW_METHODS = ("away", "vanilla", "pairwise")
 FW_STEPS = ("short", "armijo", "open-loop", "constant")
 FW_STEP_SCHEDULES = ("constant", "lr")
@@ -188,7 +189,7 @@ class TrainConfig:
                               ("prune_allocation", PRUNE_ALLOCATIONS),
                               ("refold_magnitudes", ("auto", "off", "init_s", "layer_total")),
                               ("prune_schedule", ("cubic", "linear")),
-                              ("init_bases", ("random", "principal", "minor"))):
+                              ("init_bases", INIT_BASES)):
             choice(name, options)
         if self.init_bases != "random" and self.basis == "euclidean":
             raise ValueError(f"init_bases={self.init_bases!r} needs basis oblique or stiefel (their initial "
