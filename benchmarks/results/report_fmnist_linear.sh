@@ -116,3 +116,9 @@ dev_paired() {
         echo
     done
 } > benchmarks/results/fmnist19_init_bases_paired.md
+# round 19: four times the issue's training pool (9,600 examples, 3 epochs, report seeds 0-2), the image preset
+# at LoRA r = 1/2/4/8's sizes beside LoRA, every method at the lr the issue-scale tuning chose (3e-3; not re-tuned
+# at this scale)
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
+    --json "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json" \
+    --out benchmarks/results/fmnist19_x4.md --plot-dir benchmarks/results/fmnist19_x4
