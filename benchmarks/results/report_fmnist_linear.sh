@@ -122,3 +122,19 @@ dev_paired() {
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
     --json "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json" \
     --out benchmarks/results/fmnist19_x4.md --plot-dir benchmarks/results/fmnist19_x4
+# round 20: at 4x the data, s learned in log space (learn_log_s) against the held s = 1 of the preset, at LoRA
+# r = 4 / 8's sizes on the tuning seeds 100-102, paired by seed, with LoRA r = 4 / 8 on the same seeds beside them;
+# the lr protocol re-run at this scale (grid 1e-3 / 3e-3 / 1e-2, tuning seeds 100-102, middle setting of each family:
+# r20x4_tune_*.json); and seeds 3-5 added to round 19's seeds 0-2 for every family (a six-seed table at 4x the data)
+{
+    echo "# Fashion-MNIST at 4x the data (9,600 x 3): s learned in log space vs the preset's held s, tuning seeds 100-102, paired by seed"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "learn log s" --b "oblique-svd r0=8" \
+        --json "$(ls benchmarks/results/r20x4_dev_*.json | paste -sd, -)"
+} > benchmarks/results/fmnist20_x4_learn_log_s_paired.md
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
+    --json "/dev/null,$(ls benchmarks/results/r20x4_dev_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)" \
+    --out benchmarks/results/fmnist20_x4_dev.md --plot-dir benchmarks/results/fmnist20_x4_dev
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
+    --json "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json,$(ls benchmarks/results/scale20_fmnist_x4_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)" \
+    --out benchmarks/results/fmnist20_x4_6seeds.md --plot-dir benchmarks/results/fmnist20_x4_6seeds
