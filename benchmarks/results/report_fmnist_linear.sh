@@ -6,10 +6,17 @@
 # the rows of the image preset alone (oblique-svd, what `debora train` uses on images since round 11; the
 # text default's rows, 'prune 10-70%', dominate 0 of 4 here).
 cd "$(dirname "$0")/../.."
+# front NAME FILES [ARGS...]: the table, verdicts and front PNG of the records in FILES (comma-separated) ->
+# benchmarks/results/NAME.md and benchmarks/results/NAME/ (finetune_compare.py --report-only; ARGS passed on)
+front() {
+    local name=$1 files=$2
+    shift 2
+    .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
+        --json "$files" --out "benchmarks/results/$name.md" --plot-dir "benchmarks/results/$name" "$@"
+}
 files="/dev/null,$(ls benchmarks/results/fronts_fmnist11_*.json benchmarks/results/fronts_fmnist10_*.json benchmarks/results/fronts_fmnist6_lin_*.json \
     benchmarks/results/fronts_fmnist9_lin_*.json | grep -v '_s345_' | paste -sd, -)"
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
-    --json "$files" --out benchmarks/results/fmnist10_linear.md --plot-dir benchmarks/results/fmnist10_linear \
+front fmnist10_linear "$files" \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 # round 11: fresh seeds 3-5 for LoRA and the oblique-svd settings (the variant was chosen on seeds 0-2),
 # pooled with their seeds 0-2: a six-seed table of exactly those settings (lrs from the same tuning records)
@@ -26,8 +33,7 @@ recs = [r for f in files for r in json.load(open(f))
         if r["method"] != "debora" or r.get("phase") == "tune" or r["setting"].startswith(keep)]
 json.dump(recs, open(sys.argv[1], "w"))
 PY
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
-    --json "$six" --out benchmarks/results/fmnist11_6seeds.md --plot-dir benchmarks/results/fmnist11_6seeds \
+front fmnist11_6seeds "$six" \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 rm -f "$six"
 # dev_paired A FILES: variant A (its records: FILES, comma-separated) paired by seed with the preset's
@@ -102,9 +108,8 @@ dev_paired() {
     done
     dev_paired "oblique-svd r0=8, learn log s" "$(ls benchmarks/results/fronts_fmnist18_dev_learn_log_s_*.json | paste -sd, -)"
 } > benchmarks/results/fmnist18_magnitude_paired.md
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
-    --json "/dev/null,$(ls benchmarks/results/fronts_fmnist18_dev_P*.json | paste -sd, -),benchmarks/results/fronts_fmnist13_dev_r08.json,benchmarks/results/fronts_fmnist14_dev_default.json" \
-    --out benchmarks/results/fmnist18_below_r1.md --plot-dir benchmarks/results/fmnist18_below_r1
+front fmnist18_below_r1 \
+    "/dev/null,$(ls benchmarks/results/fronts_fmnist18_dev_P*.json | paste -sd, -),benchmarks/results/fronts_fmnist13_dev_r08.json,benchmarks/results/fronts_fmnist14_dev_default.json"
 # round 19: the oblique bases started along each convolution's leading (init_bases="principal", PiSSA's) or
 # trailing ("minor", MiLoRA's) singular vectors instead of random ones, tuning seeds 100-102, paired with the
 # preset's development rows
@@ -119,9 +124,8 @@ dev_paired() {
 # round 19: four times the issue's training pool (9,600 examples, 3 epochs, report seeds 0-2), the image preset
 # at LoRA r = 1/2/4/8's sizes beside LoRA, every method at the lr the issue-scale tuning chose (3e-3; not re-tuned
 # at this scale)
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
-    --json "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json" \
-    --out benchmarks/results/fmnist19_x4.md --plot-dir benchmarks/results/fmnist19_x4
+front fmnist19_x4 \
+    "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json"
 # round 20: at 4x the data, s learned in log space (learn_log_s) against the held s = 1 of the preset, at LoRA
 # r = 4 / 8's sizes on the tuning seeds 100-102, paired by seed, with LoRA r = 4 / 8 on the same seeds beside them;
 # the lr protocol re-run at this scale (grid 1e-3 / 3e-3 / 1e-2, tuning seeds 100-102, middle setting of each family:
@@ -132,9 +136,7 @@ dev_paired() {
     .venv/bin/python benchmarks/variant_paired.py --a "learn log s" --b "oblique-svd r0=8" \
         --json "$(ls benchmarks/results/r20x4_dev_*.json | paste -sd, -)"
 } > benchmarks/results/fmnist20_x4_learn_log_s_paired.md
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
-    --json "/dev/null,$(ls benchmarks/results/r20x4_dev_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)" \
-    --out benchmarks/results/fmnist20_x4_dev.md --plot-dir benchmarks/results/fmnist20_x4_dev
-.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks fashion-mnist --lr-schedule linear \
-    --json "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json,$(ls benchmarks/results/scale20_fmnist_x4_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)" \
-    --out benchmarks/results/fmnist20_x4_6seeds.md --plot-dir benchmarks/results/fmnist20_x4_6seeds
+front fmnist20_x4_dev \
+    "/dev/null,$(ls benchmarks/results/r20x4_dev_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)"
+front fmnist20_x4_6seeds \
+    "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json,$(ls benchmarks/results/scale20_fmnist_x4_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)"
