@@ -140,3 +140,49 @@ front fmnist20_x4_dev \
     "/dev/null,$(ls benchmarks/results/r20x4_dev_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)"
 front fmnist20_x4_6seeds \
     "/dev/null,benchmarks/results/scale19_fmnist_x4_lora.json,benchmarks/results/scale19_fmnist_x4_debora.json,$(ls benchmarks/results/scale20_fmnist_x4_*.json benchmarks/results/r20x4_tune_*.json | paste -sd, -)"
+# round 21 (pre-registered before any of its results): seeds 6-11 added to round 11's six-seed front, every
+# setting of it with the same commands and lrs (r21_fm_{lora,oblsvd_P,oblsvd_T}_sN.json), a twelve-seed table; and
+# what the cut contributes: the same oblique adapter trained at the final rank from the start (fixed-oblique,
+# init_rank 1/2/4/8, s held at 1, no cut; seeds 0-11, r21_fm_fixedobl_sN.json) paired by seed with the preset's
+# budget at that LoRA rank's size
+twelve=$(mktemp --suffix=.json)
+.venv/bin/python - "$twelve" <<'PY'
+import glob, json, sys
+keep = tuple(f"{s} oblique s1 r0=8, svd cut 10-70%, refold" for s in (
+    "target_params=22784", "target_params=45568", "target_params=60757", "target_params=91136",
+    "target_params=182272", "target_rank=1", "target_rank=2", "target_rank=4"))
+files = ["benchmarks/results/fronts_fmnist10_lin_lora.json", "benchmarks/results/fronts_fmnist11_tune_svd8_s2pp.json",
+         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_s345_*.json")),
+         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_svd8_s2pp1070*.json")),
+         *sorted(glob.glob("benchmarks/results/r21_fm_lora_s*.json")),
+         *sorted(glob.glob("benchmarks/results/r21_fm_oblsvd_[PT]_s*.json"))]
+recs = [r for f in files for r in json.load(open(f))
+        if r["method"] != "debora" or r.get("phase") == "tune" or r["setting"].startswith(keep)]
+json.dump(recs, open(sys.argv[1], "w"))
+PY
+front fmnist21_12seeds "$twelve" \
+    --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
+# ... and seeds 6-11 alone (nothing was chosen on them; the tuning rows only for the lrs)
+fresh=$(mktemp --suffix=.json)
+.venv/bin/python - "$fresh" <<'PY'
+import glob, json, sys
+files = ["benchmarks/results/fronts_fmnist10_lin_lora.json", "benchmarks/results/fronts_fmnist11_tune_svd8_s2pp.json"]
+recs = [r for f in files for r in json.load(open(f)) if r.get("phase") == "tune"]
+recs += [r for f in sorted(glob.glob("benchmarks/results/r21_fm_lora_s*.json") + glob.glob("benchmarks/results/r21_fm_oblsvd_[PT]_s*.json"))
+         for r in json.load(open(f))]
+json.dump(recs, open(sys.argv[1], "w"))
+PY
+front fmnist21_s6to11 "$fresh" --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
+rm -f "$fresh"
+{
+    echo "# Fashion-MNIST: the image preset (train at r0 = 8, cut to the budget) minus the same oblique adapter trained at the final rank (fixed-oblique, no cut), paired by seed"
+    echo
+    echo "Seeds 0-11 (2,400 x 3, 2,000 held out, lr 3e-3 linear for both); the budget at each LoRA rank's adapter count against init_rank = that rank."
+    echo
+    for r in "22784,1" "45568,2" "91136,4" "182272,8"; do
+        .venv/bin/python benchmarks/variant_paired.py --a "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param" \
+            --b "fixed-oblique" --budgets "target_params=${r%,*},init_rank=${r#*,}" \
+            --json "$twelve,$(ls benchmarks/results/r21_fm_fixedobl_s*.json | paste -sd, -)" | { [ "$r" = "22784,1" ] && cat || tail -n +5; }
+    done
+} > benchmarks/results/fmnist21_cut_vs_fixed_paired.md
+rm -f "$twelve"

@@ -206,3 +206,25 @@ done
         paired "$(ls benchmarks/results/dev19_${d}_*.json benchmarks/results/dev14_*default*.json benchmarks/results/tune_seeds_rt24_lin_svds01_s*.json | paste -sd, -)" "svd cut $d"
     done
 } > benchmarks/results/scale24_linear_init_bases19_paired.md
+# round 21 (pre-registered before any of its results): tweets' one undominated point, LoRA r = 8, and the
+# default's target 4 (the front's best point at no more parameters over six seeds) on seeds 6-11 too, same
+# commands and lrs (r21_tw_{lora8,debora_t4}_sN.json). The six-seed tweets table with them added
+# (scale24_linear_tw21_12seeds.md: these two rows over twelve seeds, the others over six) and the two alone
+# (scale24_linear_tw21_r8_vs_t4.md: the paired line is the pre-registered comparison)
+tw_ada="benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json"
+tw21="$(ls benchmarks/results/r21_tw_lora8_s*.json benchmarks/results/r21_tw_debora_t4_s*.json | paste -sd, -)"
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
+    --json "$svd6,$tw_ada,$tw21" --out benchmarks/results/scale24_linear_tw21_12seeds.md \
+    --plot-dir benchmarks/results/scale24_linear_tw21_12seeds "${svd_default[@]}"
+two=$(mktemp --suffix=.json)
+.venv/bin/python - "$two" "$svd6,$tw21" <<'PY'
+import json, sys
+recs = [r for f in sys.argv[2].split(",") if f != "/dev/null" for r in json.load(open(f))
+        if r.get("phase") == "tune" or (r["task"] == "tweets" and r["setting"] in
+                                        ("r=8", "target_rank=4 svd cut at s 0.1, sigma2/param, refold total"))]
+json.dump(recs, open(sys.argv[1], "w"))
+PY
+.venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
+    --json "/dev/null,$two" --out benchmarks/results/scale24_linear_tw21_r8_vs_t4.md \
+    --plot-dir benchmarks/results/scale24_linear_tw21_r8_vs_t4 "${svd_default[@]}"
+rm -f "$two"
