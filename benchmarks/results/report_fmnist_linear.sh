@@ -20,19 +20,27 @@ front fmnist10_linear "$files" \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 # round 11: fresh seeds 3-5 for LoRA and the oblique-svd settings (the variant was chosen on seeds 0-2),
 # pooled with their seeds 0-2: a six-seed table of exactly those settings (lrs from the same tuning records)
-six=$(mktemp --suffix=.json)
-.venv/bin/python - "$six" <<'PY'
+# preset_records OUT [GLOB...]: round 11's six-seed records (LoRA, exactly the oblique-svd settings below, and
+# both families' tuning rows for the lrs) plus every record of the files matching GLOB -> OUT (one JSON list)
+preset_records() {
+    local out=$1
+    shift
+    .venv/bin/python - "$out" "$@" <<'PY'
 import glob, json, sys
 keep = tuple(f"{s} oblique s1 r0=8, svd cut 10-70%, refold" for s in (
     "target_params=22784", "target_params=45568", "target_params=60757", "target_params=91136",
     "target_params=182272", "target_rank=1", "target_rank=2", "target_rank=4"))
 files = ["benchmarks/results/fronts_fmnist10_lin_lora.json", "benchmarks/results/fronts_fmnist11_tune_svd8_s2pp.json",
          *sorted(glob.glob("benchmarks/results/fronts_fmnist11_s345_*.json")),
-         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_svd8_s2pp1070*.json"))]
+         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_svd8_s2pp1070*.json")),
+         *[f for g in sys.argv[2:] for f in sorted(glob.glob(g))]]
 recs = [r for f in files for r in json.load(open(f))
         if r["method"] != "debora" or r.get("phase") == "tune" or r["setting"].startswith(keep)]
 json.dump(recs, open(sys.argv[1], "w"))
 PY
+}
+six=$(mktemp --suffix=.json)
+preset_records "$six"
 front fmnist11_6seeds "$six" \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 rm -f "$six"
@@ -146,20 +154,7 @@ front fmnist20_x4_6seeds \
 # init_rank 1/2/4/8, s held at 1, no cut; seeds 0-11, r21_fm_fixedobl_sN.json) paired by seed with the preset's
 # budget at that LoRA rank's size
 twelve=$(mktemp --suffix=.json)
-.venv/bin/python - "$twelve" <<'PY'
-import glob, json, sys
-keep = tuple(f"{s} oblique s1 r0=8, svd cut 10-70%, refold" for s in (
-    "target_params=22784", "target_params=45568", "target_params=60757", "target_params=91136",
-    "target_params=182272", "target_rank=1", "target_rank=2", "target_rank=4"))
-files = ["benchmarks/results/fronts_fmnist10_lin_lora.json", "benchmarks/results/fronts_fmnist11_tune_svd8_s2pp.json",
-         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_s345_*.json")),
-         *sorted(glob.glob("benchmarks/results/fronts_fmnist11_svd8_s2pp1070*.json")),
-         *sorted(glob.glob("benchmarks/results/r21_fm_lora_s*.json")),
-         *sorted(glob.glob("benchmarks/results/r21_fm_oblsvd_[PT]_s*.json"))]
-recs = [r for f in files for r in json.load(open(f))
-        if r["method"] != "debora" or r.get("phase") == "tune" or r["setting"].startswith(keep)]
-json.dump(recs, open(sys.argv[1], "w"))
-PY
+preset_records "$twelve" "benchmarks/results/r21_fm_lora_s*.json" "benchmarks/results/r21_fm_oblsvd_[PT]_s*.json"
 front fmnist21_12seeds "$twelve" \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 # ... and seeds 6-11 alone (nothing was chosen on them; the tuning rows only for the lrs)
