@@ -180,4 +180,19 @@ rm -f "$fresh"
             --json "$twelve,$(ls benchmarks/results/r21_fm_fixedobl_s*.json | paste -sd, -)" | { [ "$r" = "22784,1" ] && cat || tail -n +5; }
     done
 } > benchmarks/results/fmnist21_cut_vs_fixed_paired.md
+# round 21, C (written down after B): a wider start, r0 = 16 cut to the same two small budgets, on the development
+# seeds 100-102 against the preset's development rows, then on seeds 0-11 against its twelve-seed rows
+{
+    echo "# Fashion-MNIST: the image preset from r0 = 16 instead of 8, paired by seed"
+    echo
+    echo "## Development seeds 100-102"
+    echo
+    dev_paired "oblique-svd r0=16" "$(ls benchmarks/results/r21_fm_dev_r016_s*.json | paste -sd, -)"
+    echo
+    echo "## Report seeds 0-11"
+    echo
+    .venv/bin/python benchmarks/variant_paired.py --a "oblique-svd r0=16" \
+        --b "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param" \
+        --json "$twelve,$(ls benchmarks/results/r21_fm_r016_s*.json | paste -sd, -)"
+} > benchmarks/results/fmnist21_r016_paired.md
 rm -f "$twelve"
