@@ -154,17 +154,17 @@ front fmnist20_x4_6seeds \
 # init_rank 1/2/4/8, s held at 1, no cut; seeds 0-11, r21_fm_fixedobl_sN.json) paired by seed with the preset's
 # budget at that LoRA rank's size
 twelve=$(mktemp --suffix=.json)
-preset_records "$twelve" "benchmarks/results/r21_fm_lora_s*.json" "benchmarks/results/r21_fm_oblsvd_[PT]_s*.json"
+r21_fm=("benchmarks/results/r21_fm_lora_s*.json" "benchmarks/results/r21_fm_oblsvd_[PT]_s*.json")   # seeds 6-11
+preset_records "$twelve" "${r21_fm[@]}"
 front fmnist21_12seeds "$twelve" \
     --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"
 # ... and seeds 6-11 alone (nothing was chosen on them; the tuning rows only for the lrs)
 fresh=$(mktemp --suffix=.json)
-.venv/bin/python - "$fresh" <<'PY'
+.venv/bin/python - "$fresh" "${r21_fm[@]}" <<'PY'
 import glob, json, sys
 files = ["benchmarks/results/fronts_fmnist10_lin_lora.json", "benchmarks/results/fronts_fmnist11_tune_svd8_s2pp.json"]
 recs = [r for f in files for r in json.load(open(f)) if r.get("phase") == "tune"]
-recs += [r for f in sorted(glob.glob("benchmarks/results/r21_fm_lora_s*.json") + glob.glob("benchmarks/results/r21_fm_oblsvd_[PT]_s*.json"))
-         for r in json.load(open(f))]
+recs += [r for f in sorted(f for g in sys.argv[2:] for f in glob.glob(g)) for r in json.load(open(f))]
 json.dump(recs, open(sys.argv[1], "w"))
 PY
 front fmnist21_s6to11 "$fresh" --default-variant "oblique s1 r0=8, svd cut 10-70%, refold total, sigma2/param"

@@ -40,9 +40,11 @@ svd6="/dev/null,$(ls benchmarks/results/scale_{rt,tw}24_lin_debora{1,2,4}_svds01
     --json "$svd6,benchmarks/results/scale_rt24_lin_adalora1.json,benchmarks/results/scale_rt24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_rt24_lin_adalora12_s345.json,benchmarks/results/scale_rt24_lin_adalora4_s345.json" \
     --out benchmarks/results/scale24_linear_6seeds_svd_rt.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_rt \
     "${svd_default[@]}"
+# tweets' AdaLoRA records at the protocol's 3e-3 (seeds 0-5; target 4's seeds 0-2 sit in an rt24 file)
+tw_ada="benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json"
 # tweets over six seeds with AdaLoRA (seeds 0-2 at the tuned 3e-3, seeds 3-5 run in round 13)
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
-    --json "$svd6,benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json" \
+    --json "$svd6,$tw_ada" \
     --out benchmarks/results/scale24_linear_6seeds_svd_tw.md --plot-dir benchmarks/results/scale24_linear_6seeds_svd_tw \
     "${svd_default[@]}"
 # ... and with AdaLoRA at 1e-2 instead (its best lr on tweets' seeds 0-2, not the protocol's: a sensitivity view;
@@ -171,7 +173,7 @@ learn_s="svd cut at s 0.1, sigma2/param, refold total, learn s"
 for t in rt tw; do
     task=rotten-tomatoes; [ "$t" = tw ] && task=tweets
     ada="benchmarks/results/scale_rt24_lin_adalora1.json,benchmarks/results/scale_rt24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_rt24_lin_adalora12_s345.json,benchmarks/results/scale_rt24_lin_adalora4_s345.json"
-    [ "$t" = tw ] && ada="benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json"
+    [ "$t" = tw ] && ada="$tw_ada"
     .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks "$task" --lr-schedule linear \
         --json "$svd6,$ada,$(ls benchmarks/results/top18_${task}_*.json | paste -sd, -)" \
         --out "benchmarks/results/scale24_linear_top18_$t.md" --plot-dir "benchmarks/results/scale24_linear_top18_$t" \
@@ -211,7 +213,6 @@ done
 # commands and lrs (r21_tw_{lora8,debora_t4}_sN.json). The six-seed tweets table with them added
 # (scale24_linear_tw21_12seeds.md: these two rows over twelve seeds, the others over six) and the two alone
 # (scale24_linear_tw21_r8_vs_t4.md: the paired line is the pre-registered comparison)
-tw_ada="benchmarks/results/scale_tw24_lin_adalora1.json,benchmarks/results/scale_tw24_lin_adalora2.json,benchmarks/results/scale_rt24_lin_adalora4_lr3e-3.json,benchmarks/results/scale_tw24_lin_adalora124_s345.json"
 tw21="$(ls benchmarks/results/r21_tw_lora8_s*.json benchmarks/results/r21_tw_debora_t4_s*.json | paste -sd, -)"
 .venv/bin/python benchmarks/finetune_compare.py --report-only --tasks tweets --lr-schedule linear \
     --json "$svd6,$tw_ada,$tw21" --out benchmarks/results/scale24_linear_tw21_12seeds.md \
